@@ -1,0 +1,259 @@
+"""The recipe: one YAML file, validated by pydantic, with `--set a.b=c` overrides.
+
+Every field has a default, so the resolved recipe saved in a run folder is complete; every
+unknown key or wrong type is a one-line error naming the key (and the closest valid one).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.errors import PeftlabError, did_you_mean
+
+DEFAULT_TEMPLATE = (
+    "### Instruction:\n{instruction}\n\n{context_block}### Response:\n"
+)
+DEFAULT_CONTEXT_BLOCK = "### Context:\n{context}\n\n"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    source: str = Field("preset:tiny-gemma2", description="hub id | local folder | file.gguf | preset:NAME")
+    gguf_file: str | None = Field(None, description="GGUF file inside `source` (a hub repo or folder)")
+    tokenizer: str | None = Field(None, description="tokenizer source when it differs from `source`")
+    revision: str | None = None
+    attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+
+
+class QuantSettings(Section):
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # "peft" = peft.prepare_model_for_kbit_training: upcasts every non-quantized weight (for Gemma-2 the
+    # 256k x 2304 embedding, 1.2 GB in bf16) to fp32. "lean" keeps dtypes and only does what training needs
+    # (input grads for checkpointing). The cost of "peft" is printed either way.
+    kbit_prep: Literal["peft", "lean"] = "lean"
+
+
+class MethodConfig(Section):
+    name: Literal["lora", "qlora"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    quant: QuantSettings = Field(default_factory=QuantSettings)
+
+
+class DataConfig(Section):
+    source: str = Field("bundled:dolly15k", description="bundled:dolly15k | hub id | .json/.jsonl/.csv/.parquet")
+    split: str = "train"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="our field -> your column, e.g. {response: output}"
+    )
+    template: str = DEFAULT_TEMPLATE
+    context_block: str = DEFAULT_CONTEXT_BLOCK
+    max_length: int = Field(768, gt=0)
+    eval_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    max_samples: int | None = Field(None, gt=0, description="use the first N rows after shuffling")
+    eval_max_samples: int | None = Field(None, gt=0)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        valid = ("instruction", "context", "response", "category")
+        for key in value:
+            if key not in valid:
+                raise ValueError(f"unknown field '{key}' in columns; {did_you_mean(key, valid)}")
+        return value
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.5, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(8, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: str = "adamw_torch"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = True
+    padding_free: bool = False
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="None = evaluate at the end only")
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+
+
+class EvalConfig(Section):
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "What is the capital of France?",
+            "Give me three tips for staying healthy.",
+            "Explain what a neural network is in one sentence.",
+        ]
+    )
+    max_new_tokens: int = Field(48, gt=0)
+    compare_base: bool = True
+
+
+class WatchConfig(Section):
+    guard: bool = True
+    # Logging steps in a row that must look broken before the guard stops the run.
+    patience: int = Field(1, gt=0)
+
+
+class Recipe(Section):
+    name: str = "recipe"
+    task: Literal["sft"] = "sft"
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+
+    @model_validator(mode="after")
+    def _template_fields(self) -> Recipe:
+        if "{instruction}" not in self.data.template:
+            raise ValueError("data.template must contain '{instruction}'")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("peftlab") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
+    """A built-in recipe name or a YAML path, plus `a.b=c` overrides, validated."""
+    path = _find_recipe(ref)
+    data = _read_yaml(path)
+    for item in overrides or []:
+        _apply_override(data, item)
+    return validate_recipe(data, origin=str(path))
+
+
+def validate_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise PeftlabError(f"{origin}: a recipe must be a YAML mapping, found {type(data).__name__}; fix: start from `peftlab recipes`")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise PeftlabError(f"{origin}: {_describe(exc)}") from None
+
+
+def _find_recipe(ref: str) -> Path:
+    builtins = builtin_recipes()
+    if ref in builtins:
+        return builtins[ref]
+    path = Path(ref)
+    if path.is_file():
+        return path
+    raise PeftlabError(
+        f"recipe '{ref}' is neither a built-in recipe nor a file; {did_you_mean(ref, builtins)} "
+        "(or pass a path to a YAML file)"
+    )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeftlabError(f"{path}: cannot read the recipe ({exc.__class__.__name__}); fix: check the path and that it is UTF-8 text") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise PeftlabError(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting there") from None
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise PeftlabError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PeftlabError(f"--set '{item}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    """First validation error as `key: problem; fix`, plus how many more there are."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "recipe"
+    if first["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        msg = f"unknown key '{key}'; {did_you_mean(loc[-1], valid)}"
+    else:
+        got = first.get("input")
+        got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
+        msg = f"{key}: {first['msg'].removeprefix('Value error, ')} (got {got_text})"
+    more = len(errors) - 1
+    return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def with_overrides(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
+    """A copy of `recipe` with dotted keys replaced, e.g. {"method.name": "qlora"}, re-validated."""
+    data = copy.deepcopy(recipe.to_dict())
+    for dotted, value in changes.items():
+        _apply_override(data, f"{dotted}={json.dumps(value)}")
+    return validate_recipe(data, origin=recipe.name)

@@ -1,0 +1,135 @@
+"""Dolly-format instruction records -> model-ready examples with the loss on response tokens only.
+
+We tokenize ourselves (prompt and response separately) instead of letting trl do it, so the label
+mask is exact by construction (-100 on every prompt token, the response ids plus EOS trained) and
+the doctor and the guard can count, before any GPU time is spent, how many tokens the loss sees.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from peftlab.config import DataConfig
+from peftlab.data.sources import load_table, map_columns
+from peftlab.errors import GuardFailure, PeftlabError
+
+IGNORE_INDEX = -100
+FIELDS = ("instruction", "response")
+OPTIONAL_FIELDS = ("context", "category")
+
+
+def render_prompt(row: dict[str, Any], cfg: DataConfig) -> str:
+    context = (row.get("context") or "").strip()
+    block = cfg.context_block.format(context=context) if context else ""
+    try:
+        return cfg.template.format(instruction=(row["instruction"] or "").strip(), context_block=block, context=context)
+    except (KeyError, IndexError) as exc:
+        raise PeftlabError(
+            f"data.template: unknown placeholder {exc}; allowed: {{instruction}}, {{context}}, {{context_block}}"
+        ) from None
+
+
+def encode(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> dict[str, Any]:
+    prompt_ids = tokenizer(render_prompt(row, cfg), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer((row["response"] or "").strip(), add_special_tokens=False)["input_ids"]
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[: cfg.max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: cfg.max_length]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "prompt_tokens": len(prompt_ids),
+        "full_tokens": len(prompt_ids) + len(response_ids),
+    }
+
+
+@dataclass
+class DataStats:
+    rows: int
+    train_rows: int
+    eval_rows: int
+    dropped_fully_masked: int
+    truncated: int
+    truncation_rate: float
+    tokens_mean: float
+    tokens_median: float
+    tokens_p90: float
+    tokens_max: int
+    trained_tokens: int
+    masked_tokens: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InstructionData:
+    train: Any
+    eval: Any | None
+    stats: DataStats
+
+
+def load_records(cfg: DataConfig, seed: int) -> Any:
+    table = load_table(cfg.source, cfg.split)
+    table = map_columns(table, FIELDS, OPTIONAL_FIELDS, cfg.columns, cfg.source)
+    # Bundled Dolly rows come grouped by category: shuffle before anything is cut off or split.
+    table = table.shuffle(seed=seed)
+    if cfg.max_samples:
+        table = table.select(range(min(cfg.max_samples, len(table))))
+    return table
+
+
+def build_instruction_data(cfg: DataConfig, tokenizer: Any, seed: int) -> InstructionData:
+    table = load_records(cfg, seed)
+    encoded = table.map(lambda row: encode(row, tokenizer, cfg), remove_columns=table.column_names)
+    trained = [sum(1 for x in labels if x != IGNORE_INDEX) for labels in encoded["labels"]]
+    keep = [i for i, n in enumerate(trained) if n > 0]
+    if not keep:
+        shortest = min(encoded["prompt_tokens"])
+        raise GuardFailure(
+            f"every example has all its labels masked: data.max_length={cfg.max_length} is not longer than any prompt "
+            f"(shortest prompt: {shortest} tokens), so the loss would see no token (loss 0.0 / NaN); "
+            f"fix: raise data.max_length above {shortest} or shorten data.template"
+        )
+    stats = _stats(encoded, trained, len(table) - len(keep), cfg.max_length)
+    encoded = encoded.select(keep).select_columns(["input_ids", "labels"])
+    train, evaluation = _split(encoded, cfg, seed)
+    stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0
+    return InstructionData(train, evaluation, stats)
+
+
+def _split(encoded: Any, cfg: DataConfig, seed: int) -> tuple[Any, Any | None]:
+    if cfg.eval_fraction == 0:
+        return encoded, None
+    n_eval = max(1, round(len(encoded) * cfg.eval_fraction))
+    if cfg.eval_max_samples:
+        n_eval = min(n_eval, cfg.eval_max_samples)
+    if n_eval >= len(encoded):
+        raise PeftlabError(
+            f"data.eval_fraction: {cfg.eval_fraction} leaves no training rows out of {len(encoded)}; fix: lower it or use more data"
+        )
+    parts = encoded.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _stats(encoded: Any, trained: list[int], dropped: int, max_length: int) -> DataStats:
+    full = encoded["full_tokens"]
+    lengths = sorted(min(n, max_length) for n in full)
+    truncated = sum(1 for n in full if n > max_length)
+    total = sum(lengths)
+    return DataStats(
+        rows=len(full),
+        train_rows=0,
+        eval_rows=0,
+        dropped_fully_masked=dropped,
+        truncated=truncated,
+        truncation_rate=round(truncated / len(full), 4),
+        tokens_mean=round(total / len(lengths), 1),
+        tokens_median=float(statistics.median(lengths)),
+        tokens_p90=float(lengths[int(0.9 * (len(lengths) - 1))]),
+        tokens_max=lengths[-1],
+        trained_tokens=sum(trained),
+        masked_tokens=total - sum(trained),
+    )

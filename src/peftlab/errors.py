@@ -1,0 +1,32 @@
+"""One exception type for everything a user can fix: the CLI prints it as one line and exits 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PeftlabError(Exception):
+    """A bad input or environment, with the field/file it concerns and a fix, on one line."""
+
+    exit_code = 2
+
+
+class GuardFailure(PeftlabError):
+    """The health guard stopped a run: the message is the diagnosis."""
+
+    exit_code = 3
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The valid name a typo most likely meant, or None when nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    guess = closest(word, choices)
+    if guess:
+        return f"did you mean '{guess}'?"
+    return f"valid: {', '.join(sorted(choices))}"

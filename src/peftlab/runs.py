@@ -1,0 +1,176 @@
+"""The run folder: config.yaml, metrics.jsonl, summary.json, adapter/, samples/, checkpoints/.
+
+Every whole-file write goes to a temporary file in the same folder and is renamed into place, so a
+crash never leaves a half-written summary or config. metrics.jsonl is appended one flushed line at a
+time; readers skip a torn last line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import Recipe
+from peftlab.errors import PeftlabError
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "peftlab")
+SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as strings so readers see exactly what happened."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records; a torn last line (a crash mid-write) is skipped, not fatal."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def sanitize_name(name: str) -> str:
+    """A run name that stays inside the runs folder: no separators, no '..', no absolute paths."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    if not cleaned:
+        raise PeftlabError(f"run name '{name}' has no usable characters; fix: use letters, digits, '.', '_' or '-'")
+    return cleaned[:120]
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "versions": versions,
+        "git_sha": _git_sha(),
+    }
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    summary_path = property(lambda self: self.path / "summary.json")
+    adapter_path = property(lambda self: self.path / "adapter")
+    samples_path = property(lambda self: self.path / "samples")
+    checkpoints_path = property(lambda self: self.path / "checkpoints")
+
+    @classmethod
+    def create(cls, runs_dir: Path, name: str, recipe: Recipe, overwrite: bool = False) -> RunDir:
+        path = Path(runs_dir) / sanitize_name(name)
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise PeftlabError(
+                    f"run folder '{path}' already holds a run; fix: pass --overwrite to replace it, or --name NEW"
+                )
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        atomic_write_text(run.config_path, recipe.to_yaml())
+        run.write_summary({"status": "running", "started_at": _now(), "config_hash": recipe.config_hash()})
+        return run
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(json_safe(record)) + "\n")
+            fh.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.summary_path.exists():
+            return {}
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def write_summary(self, data: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, data)
+
+    def update_summary(self, **fields: Any) -> dict[str, Any]:
+        data = {**self.summary(), **fields}
+        self.write_summary(data)
+        return data
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def finish_fields(status: str, reason: str | None = None) -> dict[str, Any]:
+    return {"status": status, "reason": reason, "ended_at": _now()}
+
+
+def open_run(ref: str, runs_dir: Path) -> RunDir:
+    """A run by folder path or by name under runs_dir."""
+    for candidate in (Path(ref), Path(runs_dir) / ref):
+        if (candidate / "config.yaml").exists():
+            return RunDir(candidate)
+    raise PeftlabError(f"run '{ref}' not found (no config.yaml in '{ref}' or '{Path(runs_dir) / ref}'); fix: see `peftlab runs` or pass the folder")

@@ -1,0 +1,230 @@
+"""Instruction SFT of a causal LM with LoRA/QLoRA, on trl's SFTTrainer.
+
+`build` turns a recipe into a ready model + data; `train` runs it into a run folder. The tiny CPU
+twin and the GPU run differ only in the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from peftlab.config import Recipe
+from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
+from peftlab.models import adapt, loader
+from peftlab.models.precision import DTYPES, resolve_precision
+from peftlab.runs import RunDir, atomic_write_text
+from peftlab.watch.console import Progress, say
+from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
+from peftlab.watch.memory import memory_kind, peak_memory, reset_peak_memory
+from peftlab.watch.monitor import BatchCounter, MonitorCallback
+
+
+@dataclass
+class SftSetup:
+    model: Any  # a PeftModel
+    tokenizer: Any
+    data: InstructionData
+    context: RunContext
+    params: adapt.ParamCount
+    notes: list[str] = field(default_factory=list)
+
+
+def build(recipe: Recipe, data: bool = True) -> SftSetup:
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    model_type = loader.load_model_config(recipe.model).model_type
+    precision = resolve_precision(recipe.train.precision, model_type)
+    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    tokenizer = loader.load_tokenizer(recipe.model)
+    instruction_data = build_instruction_data(recipe.data, tokenizer, recipe.seed) if data else None
+    model, notes = _load_adapted_model(recipe, DTYPES[precision], attn)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.model.source.startswith("preset:"):
+        notes.append(loader.presets.tokenizer_note(recipe.model.source.removeprefix("preset:")))
+    context = RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name)
+    return SftSetup(model, tokenizer, instruction_data, context, adapt.count_params(model), notes)
+
+
+def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str) -> tuple[Any, list[str]]:
+    quant = None
+    if recipe.method.name == "qlora":
+        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype)
+    model = loader.load_causal_lm(recipe.model, dtype, attn, quant)
+    notes = []
+    if quant is not None:
+        notes += adapt.prepare_kbit(model, recipe.method.quant.kbit_prep, recipe.train.gradient_checkpointing)
+    return adapt.apply_lora(model, recipe.method.lora), notes
+
+
+class CountingSFTTrainer(SFTTrainer):
+    """SFTTrainer that counts the tokens of every consumed micro-batch and refuses all-masked ones."""
+
+    def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counter = counter
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        check_batch_labels(self.counter.add(inputs), self.state.global_step)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def training_arguments(recipe: Recipe, run: RunDir, precision: str) -> SFTConfig:
+    t = recipe.train
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(run.checkpoints_path),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not on_gpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        padding_free=t.padding_free,
+        max_length=None if t.padding_free else recipe.data.max_length,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # the filter is what hid NaN losses as 0.0: the guard needs raw values
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to="none",
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+        disable_tqdm=True,
+    )
+
+
+def train(recipe: Recipe, run: RunDir, show_progress: bool = True) -> dict[str, Any]:
+    """Build, train, evaluate, save the adapter and samples; returns the summary fields."""
+    setup = build(recipe)
+    _announce(recipe, setup)
+    run.update_summary(data=setup.data.stats.as_dict(), precision=setup.context.precision,
+                       attn_implementation=setup.context.attn_implementation, notes=setup.notes)
+    counter = BatchCounter()
+    guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
+    trainer = CountingSFTTrainer(
+        model=setup.model,
+        args=training_arguments(recipe, run, setup.context.precision),
+        train_dataset=setup.data.train,
+        eval_dataset=setup.data.eval,
+        processing_class=setup.tokenizer,
+        counter=counter,
+        callbacks=[MonitorCallback(run, counter, guard, Progress("train", show_progress))],
+    )
+    trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
+    reset_peak_memory()
+    start = time.perf_counter()
+    result = trainer.train()
+    runtime = time.perf_counter() - start
+    summary = _throughput(trainer, counter, runtime, result.training_loss)
+    summary.update(peak_memory())
+    summary.update(_evaluate(trainer, setup.data))
+    setup.model.save_pretrained(run.adapter_path)
+    setup.tokenizer.save_pretrained(run.adapter_path)
+    write_samples(run, recipe, setup.model, setup.tokenizer)
+    return summary
+
+
+def _announce(recipe: Recipe, setup: SftSetup) -> None:
+    s = setup.data.stats
+    say(f"model {loader.describe_source(recipe.model)} | {recipe.method.name} | {setup.context.precision} | "
+        f"attention {setup.context.attn_implementation}")
+    say(str(setup.params))
+    for note in setup.notes:
+        say(f"note: {note}")
+    say(f"data: {s.train_rows} train / {s.eval_rows} eval rows, {s.tokens_mean:.0f} tokens mean, "
+        f"{100 * s.truncation_rate:.1f}% truncated at {recipe.data.max_length}"
+        + (f", {s.dropped_fully_masked} dropped (prompt fills max_length)" if s.dropped_fully_masked else ""))
+
+
+def _throughput(trainer: SFTTrainer, counter: BatchCounter, runtime: float, train_loss: float) -> dict[str, Any]:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    steps = trainer.state.global_step
+    return {
+        "runtime_s": round(runtime, 3),
+        "steps": steps,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "steps_per_s": round(steps / runtime, 4),
+        "samples": counter.samples,
+        "samples_per_s": round(counter.samples / runtime, 3),
+        "tokens": counter.tokens,
+        "tokens_per_s": round(counter.tokens / runtime, 2),
+        "padded_tokens": counter.padded_tokens,
+        "padded_tokens_per_s": round(counter.padded_tokens / runtime, 2),
+        "trained_tokens": counter.trained_tokens,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "mean_train_loss": train_loss,
+        "memory_kind": memory_kind(),
+    }
+
+
+def _evaluate(trainer: SFTTrainer, data: InstructionData) -> dict[str, Any]:
+    if data.eval is None:
+        return {"eval_loss": None, "perplexity": None}
+    loss = trainer.evaluate()["eval_loss"]
+    return {"eval_loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 700 else None}
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_tokens: int | None = None) -> str:
+    text = render_prompt({"instruction": prompt, "context": ""}, recipe.data)
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    model.eval()
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any) -> None:
+    """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side."""
+    rows = []
+    for prompt in recipe.eval.prompts:
+        row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe)}
+        if recipe.eval.compare_base:
+            with model.disable_adapter():
+                row["base"] = generate(model, tokenizer, prompt, recipe)
+        rows.append(row)
+    atomic_write_text(run.samples_path / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    lines = ["# Generations", ""]
+    for r in rows:
+        lines += [f"## {r['prompt']}", "", "**adapter:** " + r["adapter"], ""]
+        if "base" in r:
+            lines += ["**base:** " + r["base"], ""]
+    atomic_write_text(run.samples_path / "generations.md", "\n".join(lines))
+
+
+def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
+    """Base model + saved adapter + saved tokenizer, as `peftlab generate` and the tests use them."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model_type = loader.load_model_config(recipe.model).model_type
+    precision = resolve_precision(recipe.train.precision, model_type)
+    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    base = loader.load_causal_lm(recipe.model, DTYPES[precision], attn)
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
+    return PeftModel.from_pretrained(base, run.adapter_path), tokenizer
+

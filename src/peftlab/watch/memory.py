@@ -1,0 +1,51 @@
+"""Memory readings in GiB: the CUDA allocator on a GPU, the process's resident set on a CPU."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+GIB = 1024**3
+
+
+def memory_kind() -> str:
+    return "cuda_allocator" if torch.cuda.is_available() else "cpu_rss"
+
+
+def current_memory() -> dict[str, float]:
+    if torch.cuda.is_available():
+        return {
+            "mem_allocated_gib": round(torch.cuda.memory_allocated() / GIB, 3),
+            "mem_reserved_gib": round(torch.cuda.memory_reserved() / GIB, 3),
+        }
+    return {"mem_rss_gib": round(_peak_rss_bytes() / GIB, 3)}
+
+
+def peak_memory() -> dict[str, float]:
+    if torch.cuda.is_available():
+        return {
+            "peak_mem_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+            "peak_mem_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
+        }
+    return {"peak_mem_rss_gib": round(_peak_rss_bytes() / GIB, 3)}
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS. It is a process-lifetime peak.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_gib(summary: dict) -> float | None:
+    """The headline peak of a summary: CUDA peak allocated, else CPU peak RSS."""
+    for key in ("peak_mem_allocated_gib", "peak_mem_rss_gib"):
+        if summary.get(key) is not None:
+            return summary[key]
+    return None

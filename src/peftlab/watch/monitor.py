@@ -1,0 +1,104 @@
+"""The monitor: one JSON line per logging step in metrics.jsonl, a progress bar, and the guard.
+
+Throughput is counted from the batches the training loop actually consumed (see `BatchCounter`),
+not from the dataloader, which prefetches one batch ahead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import TrainerCallback
+
+from peftlab.runs import RunDir
+from peftlab.watch.console import Progress
+from peftlab.watch.guard import HealthGuard
+from peftlab.watch.memory import current_memory
+
+
+@dataclass
+class BatchCounter:
+    """Totals over consumed micro-batches (filled by the trainer's training_step)."""
+
+    samples: int = 0
+    tokens: int = 0  # real, non-padding tokens
+    padded_tokens: int = 0
+    trained_tokens: int = 0
+
+    def add(self, inputs: dict[str, Any]) -> int:
+        ids = inputs["input_ids"]
+        if "attention_mask" in inputs:
+            real = int(inputs["attention_mask"].sum())
+            samples = ids.shape[0]
+        else:  # padding-free: one packed row, sequences start where position_ids == 0
+            real = ids.numel()
+            samples = int((inputs["position_ids"] == 0).sum()) if "position_ids" in inputs else ids.shape[0]
+        trained = int((inputs["labels"][..., 1:] != -100).sum())
+        self.samples += samples
+        self.tokens += real
+        self.padded_tokens += ids.numel()
+        self.trained_tokens += trained
+        return trained
+
+
+class MonitorCallback(TrainerCallback):
+    def __init__(self, run: RunDir, counter: BatchCounter, guard: HealthGuard | None, progress: Progress) -> None:
+        self.run, self.counter, self.guard, self.progress = run, counter, guard, progress
+        self.start = self.last_time = time.perf_counter()
+        self.last = BatchCounter()
+        self.last_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last = BatchCounter(**vars(self.counter))
+        self.last_step = state.global_step
+        self.progress.start(total=state.max_steps, done=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.advance(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            record = self._train_record(state, logs)
+            self.run.append_metrics(record)
+            self.progress.log(record)
+            if self.guard:
+                self.guard.check_log(state.global_step, logs)
+        elif "eval_loss" in logs:
+            record = {"kind": "eval", "step": state.global_step, "epoch": state.epoch, "time": self._elapsed()}
+            record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            self.run.append_metrics(record)
+            self.progress.log(record)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.progress.stop()
+
+    def _elapsed(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+    def _train_record(self, state, logs: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        dt = max(now - self.last_time, 1e-9)
+        c, last = self.counter, self.last
+        record = {
+            "kind": "train",
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": logs.get("loss"),
+            "grad_norm": logs.get("grad_norm"),
+            "lr": logs.get("learning_rate"),
+            "tokens": c.tokens,
+            "samples": c.samples,
+            "tokens_per_s": round((c.tokens - last.tokens) / dt, 2),
+            "padded_tokens_per_s": round((c.padded_tokens - last.padded_tokens) / dt, 2),
+            "samples_per_s": round((c.samples - last.samples) / dt, 3),
+            "steps_per_s": round((state.global_step - self.last_step) / dt, 4),
+            **current_memory(),
+            "time": round(now - self.start, 3),
+        }
+        self.last_time, self.last_step = now, state.global_step
+        self.last = BatchCounter(**vars(c))
+        return record
