@@ -230,8 +230,9 @@ def _describe(exc: ValidationError) -> str:
     loc = [str(p) for p in first["loc"]]
     key = ".".join(loc) or "recipe"
     if first["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        msg = f"unknown key '{key}'; {did_you_mean(loc[-1], valid)}"
+        prefix = "".join(f"{p}." for p in loc[:-1])
+        valid = [prefix + k for k in _valid_keys(loc[:-1])]
+        msg = f"unknown key '{key}'; {did_you_mean(key, valid)}"
     else:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"

@@ -10,6 +10,8 @@ and `peftlab generate` reloads the exact base a run trained on.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -79,7 +81,8 @@ def preset_checkpoint(name: str, dtype: torch.dtype) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     preset = get_preset(name)
-    folder = cache_root() / "presets" / f"{name}-seed{PRESET_SEED}-{str(dtype).removeprefix('torch.')}"
+    digest = hashlib.sha256(json.dumps([preset.config, preset.tokenizer], sort_keys=True).encode()).hexdigest()[:8]
+    folder = cache_root() / "presets" / f"{name}-{digest}-seed{PRESET_SEED}-{str(dtype).removeprefix('torch.')}"
     if (folder / "config.json").exists():
         return folder
     config_kwargs = dict(preset.config)

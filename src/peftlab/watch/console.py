@@ -25,7 +25,8 @@ def harden_stdio() -> None:
 @lru_cache(maxsize=1)
 def console() -> Console:
     harden_stdio()
-    return Console(highlight=False, soft_wrap=True)
+    # Not a terminal (CI logs, pipes): rich would assume 80 columns and squeeze the tables.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def say(text: str = "", style: str | None = None) -> None:
@@ -92,3 +93,14 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    from rich import box
+    from rich.table import Table
+
+    utf = (console().encoding or "").lower().replace("-", "").startswith("utf")
+    table = Table(*headers, title=title, box=box.SIMPLE_HEAVY if utf else box.ASCII, show_lines=False)
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
 GIB = 1024**3
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def memory_kind() -> str:
@@ -20,7 +24,7 @@ def current_memory() -> dict[str, float]:
             "mem_allocated_gib": round(torch.cuda.memory_allocated() / GIB, 3),
             "mem_reserved_gib": round(torch.cuda.memory_reserved() / GIB, 3),
         }
-    return {"mem_rss_gib": round(_peak_rss_bytes() / GIB, 3)}
+    return {"mem_rss_gib": round(_status_kib("VmRSS:") * 1024 / GIB, 3)}
 
 
 def peak_memory() -> dict[str, float]:
@@ -33,12 +37,26 @@ def peak_memory() -> dict[str, float]:
 
 
 def reset_peak_memory() -> None:
+    """Start a new peak window (per run, so a matrix in one process does not inherit an earlier peak)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    elif CLEAR_REFS.exists():
+        with contextlib.suppress(OSError):
+            CLEAR_REFS.write_text("5")  # Linux: resets VmHWM, the peak resident set
+
+
+def _status_kib(field: str) -> int:
+    if STATUS.exists():
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
 
 
 def _peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux, bytes on macOS. It is a process-lifetime peak.
+    if STATUS.exists():
+        return _status_kib("VmHWM:") * 1024
+    # Elsewhere: a process-lifetime peak (KiB on Linux, bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

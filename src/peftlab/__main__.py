@@ -1,0 +1,3 @@
+from peftlab.cli import main
+
+main()
