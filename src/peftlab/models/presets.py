@@ -88,7 +88,8 @@ def preset_checkpoint(name: str, dtype: torch.dtype) -> Path:
     config_kwargs = dict(preset.config)
     config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
     torch.manual_seed(PRESET_SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2.6B random init is minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     model.save_pretrained(tmp)
