@@ -14,12 +14,12 @@ export PEFTLAB_CACHE=/tmp/peftlab-cache HF_DATASETS_CACHE=/tmp/hf-datasets-cache
 cat "$OUT/env.txt"
 hf() {  # hf NAME ARGS...: the reference script, unchanged
   local name=$1; shift
-  echo "=== $name"; timeout -k 10 200 python3 .bench-hf/sft_gemma2.py --name "$name" --out "$OUT/$name.json" "$@" > "$OUT/log_$name.txt" 2>&1
-  echo "rc=$?"; grep RESULT "$OUT/log_$name.txt" | tail -1
+  echo "=== $name"; timeout -k 10 200 python3 .bench-hf/sft_gemma2.py --name "$name" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
+  echo "rc=$?"; { echo "=== $name"; tr '\r' '\n' < /tmp/log.txt; } >> "$OUT/log.txt"; grep RESULT /tmp/log.txt | tail -1
 }
 ours() {  # ours METHOD
-  echo "=== peftlab_$1"; timeout -k 10 240 python3 bench/bench_sft.py --method "$1" --out "$OUT/peftlab_$1.json" > "$OUT/log_peftlab_$1.txt" 2>&1
-  echo "rc=$?"; grep RESULT "$OUT/log_peftlab_$1.txt" | tail -1
+  echo "=== peftlab_$1"; timeout -k 10 240 python3 bench/bench_sft.py --method "$1" --out "$OUT/peftlab_$1.json" > /tmp/log.txt 2>&1
+  echo "rc=$?"; { echo "=== peftlab_$1"; tr '\r' '\n' < /tmp/log.txt; } >> "$OUT/log.txt"; grep RESULT /tmp/log.txt | tail -1; tail -5 /tmp/log.txt
 }
 hf hf_seed_lora --time-cap 35
 ours lora
