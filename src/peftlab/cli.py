@@ -26,13 +26,14 @@ DEFAULT_RUNS = Path(os.environ.get("PEFTLAB_RUNS", "runs"))
 def quiet_libraries() -> None:
     """Keep library chatter (progress bars, deprecation notes) out of the run's console log."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read on diffusers' first import (seconds: not done here)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl)\b.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|diffusers|huggingface_hub)\b.*")
 
 
 @app.command()
@@ -48,15 +49,59 @@ def recipes() -> None:
 
 
 @app.command()
-def train(recipe: RecipeArg, set_: SetOpt = None, name: Annotated[str | None, typer.Option(help="run folder name")] = None,
+def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe name or YAML path (optional with --resume)")] = None,
+          set_: SetOpt = None, name: Annotated[str | None, typer.Option(help="run folder name")] = None,
           runs_dir: RunsDirOpt = DEFAULT_RUNS,
-          overwrite: Annotated[bool, typer.Option(help="replace an existing run folder of that name")] = False) -> None:
-    """Train a recipe into a run folder."""
+          overwrite: Annotated[bool, typer.Option(help="replace an existing run folder of that name")] = False,
+          resume: Annotated[str | None, typer.Option(help="continue this run (folder or name) from its last checkpoint")] = None,
+          baseline: Annotated[str | None, typer.Option(
+              help="then compare with this run, JSON file of metrics, or shipped reference (dialogpt-banking77-original)")] = None) -> None:
+    """Train a recipe into a run folder, or --resume a stopped one. Ctrl-C / SIGTERM save a checkpoint (exit 130)."""
     from peftlab.config import load_recipe
-    from peftlab.runner import run_recipe
+    from peftlab.runner import resume_run, run_recipe
 
     quiet_libraries()
-    run_recipe(load_recipe(recipe, set_), runs_dir, name, overwrite=overwrite)
+    if resume:
+        if name or overwrite:
+            raise PeftlabError("--resume continues an existing run folder; fix: drop --name/--overwrite")
+        given = load_recipe(recipe, set_) if recipe else None
+        if given is None and set_:
+            raise PeftlabError("--set with --resume: a resumed run keeps its recipe; fix: drop --set, or start a new run")
+        run = resume_run(resume, runs_dir, given)
+    elif recipe is None:
+        raise PeftlabError("train: missing RECIPE; fix: `peftlab train tiny-gemma2-dolly` (see `peftlab recipes`) or --resume RUN")
+    else:
+        run = run_recipe(load_recipe(recipe, set_), runs_dir, name, overwrite=overwrite)
+    if baseline:
+        show_comparison([run], baseline_source(baseline, runs_dir))
+
+
+@app.command()
+def sweep(recipe: RecipeArg,
+          trials: Annotated[int | None, typer.Option(min=0, help="trials to run now (default: the recipe's sweep.trials)")] = None,
+          final: Annotated[bool, typer.Option(help="then retrain the best parameters and evaluate on test")] = False,
+          study: Annotated[str | None, typer.Option(help="study name and folder under --runs-dir (default: the recipe name)")] = None,
+          storage: Annotated[str | None, typer.Option(
+              help="SQLAlchemy URL shared by several machines (default: sqlite in the study folder)")] = None,
+          resume: Annotated[bool, typer.Option(help="extend an existing study with more trials")] = False,
+          set_: SetOpt = None, runs_dir: RunsDirOpt = DEFAULT_RUNS,
+          baseline: Annotated[str | None, typer.Option(
+              help="with --final: compare with this run, JSON file of metrics, or shipped reference")] = None) -> None:
+    """Optuna search over the recipe's sweep.space: one run folder per trial, pruning, plots, --final on test."""
+    from peftlab.config import load_recipe
+    from peftlab.sweep import run_sweep
+
+    quiet_libraries()
+    if baseline and not final:
+        raise PeftlabError("--baseline compares the final run; fix: add --final")
+    result = run_sweep(load_recipe(recipe, set_), runs_dir, trials, study, storage, resume, final)
+    if result.best_run is not None:
+        say(f"best trial: {result.best_run.path}")
+    if result.final_run is not None:
+        say(f"final run: {result.final_run.path}")
+        if baseline:
+            show_comparison([result.final_run], baseline_source(baseline, runs_dir))
+    say(f"study folder: {result.folder} (sweep.json, optimization_history.png, param_importances.png)")
 
 
 @app.command()
@@ -66,31 +111,114 @@ def matrix(recipe: RecipeArg, methods: Annotated[str, typer.Option(help="comma-s
     """Run one recipe under several methods with identical settings, then compare them."""
     from peftlab.config import load_recipe
     from peftlab.matrix import parse_methods, run_matrix
+    from peftlab.runs import sanitize_name
 
     quiet_libraries()
     loaded = load_recipe(recipe, set_)
-    runs = run_matrix(loaded, parse_methods(methods), runs_dir, name or loaded.name, overwrite=overwrite)
+    prefix = name or loaded.name
+    runs = run_matrix(loaded, parse_methods(methods), runs_dir, prefix, overwrite=overwrite)
     show_comparison(runs)
+    show_report(runs, runs_dir / f"{sanitize_name(prefix)}-report.html")
+    show_grid(runs, runs_dir / f"{sanitize_name(prefix)}-grid.png")
+
+
+def show_grid(runs, path: Path) -> None:
+    """Diffusion runs: their sample grids side by side in one PNG (base | lora | qlora ...)."""
+    from peftlab.report.grids import combine_run_grids
+
+    if combine_run_grids(runs, path):
+        say(f"image grid: {path}")
+
+
+RunsArg = Annotated[list[str], typer.Argument(help="run names (see `peftlab runs`) or folders")]
+BaselineOpt = Annotated[str | None, typer.Option(
+    help="run (or JSON file of reference metrics) to compare against; default: the first run")]
 
 
 @app.command()
-def compare(runs: Annotated[list[str], typer.Argument(help="run folders or names")],
-            baseline: Annotated[str | None, typer.Option(help="run to compare against (default: the first)")] = None,
+def compare(runs: RunsArg, baseline: BaselineOpt = None,
+            format_: Annotated[str, typer.Option("--format", help="table | markdown | csv | json")] = "table",
             runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
-    """Compare finished runs side by side, with ratios against a baseline."""
+    """Compare runs side by side: speedup, memory change %, metric deltas against a baseline."""
+    from peftlab.report.compare import FORMATS, open_source
+
+    if format_ not in FORMATS:
+        raise PeftlabError(f"--format '{format_}': unknown; valid: {', '.join(FORMATS)}")
+    show_comparison([open_source(r, runs_dir) for r in runs], baseline_source(baseline, runs_dir) if baseline else None,
+                    format_)
+
+
+def baseline_source(ref: str, runs_dir: Path):
+    """A run, a JSON file of reference metrics, or a reference shipped beside the built-in recipes."""
+    from importlib import resources
+
+    from peftlab.report.compare import ReferenceFile, open_source
+
+    shipped = Path(str(resources.files("peftlab") / "recipes" / f"{ref}.json"))
+    if not Path(ref).exists() and shipped.is_file():
+        return ReferenceFile(shipped)
+    return open_source(ref, runs_dir)
+
+
+def show_comparison(runs, baseline=None, fmt: str = "table") -> None:
+    from peftlab.report.compare import compare as compare_runs
+    from peftlab.report.compare import print_comparison
+
+    print_comparison(compare_runs(runs, baseline), fmt)
+
+
+def show_report(runs, out: Path, baseline=None) -> None:
+    from peftlab.report.html import plots_dir, write_report
+
+    path = write_report(runs, out, baseline)
+    say(f"report: {path} (plots as PNG in {plots_dir(path)})")
+
+
+@app.command()
+def report(runs: RunsArg, baseline: BaselineOpt = None,
+           output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
+           runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
+    """One self-contained HTML page: comparison, training curves, samples, recipes, environments."""
+    from peftlab.report.compare import open_source
+
+    show_report([open_source(r, runs_dir) for r in runs], output, baseline_source(baseline, runs_dir) if baseline else None)
+
+
+@app.command("runs")
+def list_runs(task: Annotated[str | None, typer.Option(help="only this task, e.g. sft")] = None,
+              recipe: Annotated[str | None, typer.Option(help="only this recipe name")] = None,
+              method: Annotated[str | None, typer.Option(help="only this method, e.g. qlora")] = None,
+              status: Annotated[str | None, typer.Option(help="running | completed | failed | interrupted")] = None,
+              json_: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+              runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
+    """List the runs under the runs folder (an SQLite index, rebuilt from the folders when needed)."""
+    import json
+
+    from peftlab.registry import HEADERS, Registry
+
+    if not runs_dir.is_dir():
+        raise PeftlabError(f"--runs-dir '{runs_dir}' does not exist; fix: point it at your runs folder, or train first")
+    registry = Registry(runs_dir)
+    registry.sync()
+    entries = registry.query(task=task, recipe=recipe, method=method, status=status)
+    if json_:
+        typer.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+    elif entries:
+        print_table(HEADERS, [e.cells() for e in entries], title=f"runs in {runs_dir}")
+    else:
+        say(f"no runs in {runs_dir} match" + ("" if not (task or recipe or method or status) else " these filters"))
+
+
+@app.command()
+def watch(run: Annotated[str, typer.Argument(help="run name or folder")],
+          interval: Annotated[float, typer.Option(min=0.1, help="seconds between polls")] = 2.0,
+          runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
+    """Follow a run live: metrics as they are logged, loss sparkline, ETA; ends when the run ends."""
     from peftlab.runs import open_run
+    from peftlab.watch.live import follow
 
-    show_comparison([open_run(r, runs_dir) for r in runs], open_run(baseline, runs_dir) if baseline else None)
-
-
-def show_comparison(runs, baseline=None) -> None:
-    from peftlab.report.compare import comparison_rows, ratio_sentences, table_lines
-
-    rows, base = comparison_rows(runs, baseline)
-    headers, body = table_lines(rows, base)
-    print_table(headers, body, title="comparison")
-    for line in ratio_sentences(rows, base):
-        say(line)
+    if follow(open_run(run, runs_dir), interval) != "completed":
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -109,10 +237,12 @@ def doctor(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
-             prompt: Annotated[list[str], typer.Option(help="instruction to answer (repeatable)")],
+             prompt: Annotated[list[str], typer.Option(help="instruction to answer, or image prompt (repeatable)")],
              max_new_tokens: Annotated[int | None, typer.Option(help="default: the recipe's eval.max_new_tokens")] = None,
+             seed: Annotated[list[int] | None, typer.Option(help="diffusion: one image per seed (repeatable)")] = None,
+             steps: Annotated[int | None, typer.Option(help="diffusion: denoising steps (default: the recipe's)")] = None,
              runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
-    """Generate with a run's saved adapter."""
+    """Generate with a run's saved adapter (text; for diffusion runs, PNG files whose paths are printed)."""
     from peftlab.config import load_recipe
     from peftlab.runs import open_run
     from peftlab.tasks.sft import generate as generate_text
@@ -123,6 +253,13 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
     recipe = load_recipe(str(folder.config_path))
     if not folder.adapter_path.exists():
         raise PeftlabError(f"run '{folder.path}' has no adapter/ (status {folder.summary().get('status')}); fix: pick a completed run")
+    if recipe.task == "diffusion":
+        from peftlab.tasks import diffusion
+
+        pipeline = diffusion.load_for_inference(folder, recipe)
+        for path in diffusion.generate_images(pipeline, recipe, prompt, folder.samples_path / "generated", seed, steps):
+            say(str(path))
+        return
     model, tokenizer = load_for_inference(folder, recipe)
     for text in prompt:
         say(f"> {text}")
@@ -138,20 +275,21 @@ def demo(runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     quiet_libraries()
     runs = run_matrix(load_recipe("tiny-gemma2-dolly"), ["lora", "qlora"], runs_dir, "demo", overwrite=True)
     show_comparison(runs)
+    show_report(runs, runs_dir / "demo-report.html")
     say(f"run folders: {', '.join(str(r.path) for r in runs)}")
 
 
 def main() -> None:
     harden_stdio()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except PeftlabError as exc:
         say(f"error: {exc}")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         from peftlab.runner import INTERRUPTED_EXIT
 
-        say("interrupted")
+        say(f"interrupted: {exc}" if str(exc) else "interrupted")
         sys.exit(INTERRUPTED_EXIT)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -162,3 +300,6 @@ def main() -> None:
             exc.show()
             sys.exit(2)
         raise
+    # typer turns Ctrl-C (and our TrainingInterrupted) into `return 130` when not standalone.
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -29,12 +29,14 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    source: str = Field("preset:tiny-gemma2", description="hub id | local folder | file.gguf | preset:NAME")
+    source: str = Field("preset:tiny-gemma2", description="hub id | local folder | file.gguf | gguf:gemma-3-270m | preset:NAME")
     gguf_file: str | None = Field(None, description="GGUF file inside `source` (a hub repo or folder)")
     tokenizer: str | None = Field(None, description="tokenizer source when it differs from `source`")
     revision: str | None = None
     attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
+    # Pickled weights (.bin/.pt) can run code when loaded: only safetensors unless this is turned on.
+    allow_pickle: bool = False
 
 
 class LoraSettings(Section):
@@ -64,8 +66,44 @@ class MethodConfig(Section):
     quant: QuantSettings = Field(default_factory=QuantSettings)
 
 
+# Our field names per task; data.columns maps them to the columns of the user's data.
+TASK_COLUMNS = {"sft": ("instruction", "context", "response", "category"), "classify": ("text", "label"),
+                "diffusion": ("image", "caption")}
+
+
+class ClassifyDataConfig(Section):
+    """Sequence-classification data: the label set, a few-class subset, the split and the padding."""
+
+    labels: list[str] | None = Field(
+        None, description="the label set in id order; None = the source's own list (bundled, hub ClassLabel) or the sorted labels of train"
+    )
+    max_classes: int | None = Field(None, ge=2, description="keep only the first K labels of the set and their rows")
+    stratify: bool = Field(True, description="stratified train/validation split (every class in both)")
+    test: str | None = Field("test", description="test rows: a split of data.source (bundled, hub) or a local file; None = none")
+    padding: Literal["longest", "max_length"] = Field(
+        "longest", description="longest = pad each batch to its longest row; max_length = every row to data.max_length"
+    )
+
+
+class ImageDataConfig(Section):
+    """Image-caption data of the diffusion task (imagefolder layout: images + metadata.jsonl with `text`)."""
+
+    resolution: int = Field(512, gt=0, description="training size in px; a multiple of 8 (the VAE's downsampling)")
+    center_crop: bool = Field(True, description="false = a random crop per step")
+    random_flip: bool = False
+    caption_prefix: str = Field("", description="prepended to every caption, e.g. a trigger word 'in vgstyle, '")
+    cache: bool = Field(False, description="encode VAE latents and text embeddings once, before training")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), e.g. {value - value % 8 or 8}")
+        return value
+
+
 class DataConfig(Section):
-    source: str = Field("bundled:dolly15k", description="bundled:dolly15k | hub id | .json/.jsonl/.csv/.parquet")
+    source: str = Field("bundled:dolly15k", description="bundled:dolly15k | bundled:banking77 | hub id | .json/.jsonl/.csv/.parquet")
     split: str = "train"
     columns: dict[str, str] = Field(
         default_factory=dict, description="our field -> your column, e.g. {response: output}"
@@ -76,11 +114,13 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     max_samples: int | None = Field(None, gt=0, description="use the first N rows after shuffling")
     eval_max_samples: int | None = Field(None, gt=0)
+    classify: ClassifyDataConfig = Field(default_factory=ClassifyDataConfig)
+    images: ImageDataConfig = Field(default_factory=ImageDataConfig)
 
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
-        valid = ("instruction", "context", "response", "category")
+        valid = tuple(dict.fromkeys(f for fields in TASK_COLUMNS.values() for f in fields))
         for key in value:
             if key not in valid:
                 raise ValueError(f"unknown field '{key}' in columns; {did_you_mean(key, valid)}")
@@ -95,6 +135,7 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio when set")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: str = "adamw_torch"
@@ -105,6 +146,20 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, gt=0, description="None = evaluate at the end only")
     save_steps: int | None = Field(None, gt=0)
     save_total_limit: int = Field(2, gt=0)
+    best_metric: str | None = Field(
+        None, description="keep and reload the checkpoint with the best value of this eval metric, e.g. eval_f1"
+    )
+
+    @model_validator(mode="after")
+    def _best_needs_checkpoints(self) -> TrainConfig:
+        # The best checkpoint can only be kept if every evaluation step is also a save step.
+        if self.best_metric and not (self.eval_steps and self.save_steps and self.save_steps % self.eval_steps == 0):
+            raise ValueError(
+                f"train.best_metric needs train.eval_steps and train.save_steps with save_steps a multiple of "
+                f"eval_steps (got eval_steps={self.eval_steps}, save_steps={self.save_steps}); fix: e.g. "
+                f"--set train.eval_steps=50 --set train.save_steps=100"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -119,15 +174,73 @@ class EvalConfig(Section):
     compare_base: bool = True
 
 
+class DiffusionConfig(Section):
+    """The noise-prediction objective and the sample grid of the diffusion task (diffusers' LoRA script flags)."""
+
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="auto = the scheduler's")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (5.0 is the usual value)")
+    noise_offset: float = Field(0.0, ge=0.0)
+    # bitsandbytes' Linear4bit returns its input dtype; under autocast that keeps the UNet feed-forward in fp32
+    # and makes QLoRA use more memory than LoRA (docs/diffusion-qlora-memory.md). true = cast to the autocast dtype.
+    cast_4bit_outputs: bool = True
+    sample_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one grid row per prompt and seed")
+    sample_steps: int = Field(25, gt=0, description="denoising steps for the grid and `peftlab generate`")
+    guidance_scale: float = Field(7.5, ge=0.0)
+
+
 class WatchConfig(Section):
     guard: bool = True
     # Logging steps in a row that must look broken before the guard stops the run.
     patience: int = Field(1, gt=0)
 
 
+class SearchParam(Section):
+    """One dimension of a sweep: a float/int range (log scale or a step optional) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            return self
+        if self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"a {self.type} parameter needs low <= high (got low={self.low}, high={self.high})")
+        if self.log and (self.step is not None or self.low <= 0):
+            raise ValueError("log=true needs low > 0 and no step")
+        return self
+
+
+class SweepConfig(Section):
+    """An Optuna study over recipe fields: `space` maps dotted keys (train.lr) to their ranges."""
+
+    metric: str = Field("eval_loss", description="validation metric to optimize: eval_loss, eval_f1, eval_accuracy, ...")
+    direction: Literal["auto", "maximize", "minimize"] = Field("auto", description="auto: minimize losses, maximize the rest")
+    trials: int = Field(10, gt=0, description="trials per `peftlab sweep` call when --trials is not given")
+    space: dict[str, SearchParam] = Field(default_factory=dict)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "none"] = "median"
+    pruner_startup_trials: int = Field(2, ge=0, description="trials that run to the end before pruning starts")
+    pruner_warmup_steps: int = Field(0, ge=0, description="training steps before a trial can be pruned")
+
+
+class TrackingConfig(Section):
+    """Optional experiment tracking; the run folder stays the source of truth."""
+
+    wandb: bool = False
+    project: str = "peftlab"
+    mode: Literal["offline", "online"] = Field("offline", description="offline needs no account or key")
+
+
 class Recipe(Section):
     name: str = "recipe"
-    task: Literal["sft"] = "sft"
+    task: Literal["sft", "classify", "diffusion"] = "sft"
     seed: int = 42
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -135,11 +248,31 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _template_fields(self) -> Recipe:
         if "{instruction}" not in self.data.template:
             raise ValueError("data.template must contain '{instruction}'")
+        return self
+
+    @model_validator(mode="after")
+    def _task_columns(self) -> Recipe:
+        valid = TASK_COLUMNS[self.task]
+        for key in self.data.columns:
+            if key not in valid:
+                raise ValueError(f"data.columns: '{key}' is not a field of task {self.task}; valid: {', '.join(valid)}")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_keys(self) -> Recipe:
+        for key in self.sweep.space:
+            parts = key.split(".")
+            valid = [".".join(parts[:-1] + [k]) for k in _valid_keys(parts[:-1])]
+            if key not in valid or parts[0] in ("sweep", "name", "task"):
+                raise ValueError(f"sweep.space: '{key}' is not a recipe field to search; {did_you_mean(key, valid or _valid_keys([]))}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +330,8 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise PeftlabError(f"{path}: cannot read the recipe ({exc.__class__.__name__}); fix: check the path and that it is UTF-8 text") from None
     try:
-        return yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
+        return {} if data is None else data  # an empty file is the default recipe; `0` or `[]` is no recipe
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -237,6 +371,8 @@ def _describe(exc: ValidationError) -> str:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
         msg = f"{key}: {first['msg'].removeprefix('Value error, ')} (got {got_text})"
+        if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
+            msg = first["msg"].removeprefix("Value error, ")
     more = len(errors) - 1
     return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
 

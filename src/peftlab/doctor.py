@@ -17,6 +17,10 @@ from peftlab.data.instructions import IGNORE_INDEX
 from peftlab.watch.console import say
 
 GIB = 1024**3
+# Real data has a long tail (Dolly at the seed's 768 tokens: ~2% of prompts alone fill it, ~4% are cut):
+# a few such rows are normal, this many means max_length is wrong for the data.
+MAX_DROPPED_RATE = 0.05
+MAX_TRUNCATION_RATE = 0.2
 
 
 @dataclass
@@ -90,13 +94,21 @@ def forward_backward(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> 
     out.loss.backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
-    return float(out.loss), grads_finite
+    return float(out.loss.detach()), grads_finite
 
 
 def run_doctor(recipe: Recipe) -> list[str]:
     """Print the checkup; return the list of problems (empty = healthy)."""
     from peftlab.tasks import sft
 
+    if recipe.task == "diffusion":  # images and a UNet: its own checks
+        from peftlab.tasks.diffusion import doctor
+
+        return doctor(recipe)
+    if recipe.task == "classify":  # labels, not masked tokens
+        from peftlab.tasks.classify import doctor as classify_doctor
+
+        return classify_doctor(recipe)
     setup = sft.build(recipe)
     c, s = setup.context, setup.data.stats
     say(f"recipe {recipe.name}: {recipe.model.source} | {recipe.method.name} | {c.precision} | attention {c.attn_implementation}")
@@ -110,9 +122,14 @@ def run_doctor(recipe: Recipe) -> list[str]:
     total = s.trained_tokens + s.masked_tokens
     say(f"label tokens over {s.rows} rows: {s.trained_tokens} trained, {s.masked_tokens} masked "
         f"({100 * s.masked_tokens / max(total, 1):.1f}% masked)")
-    up.check(s.dropped_fully_masked == 0, "no example is fully masked",
-             f"{s.dropped_fully_masked} examples have every label masked (prompt fills data.max_length) and are dropped")
-    up.check(s.truncation_rate < 0.2, f"truncation rate {100 * s.truncation_rate:.1f}% < 20%",
+    dropped = s.dropped_fully_masked / max(s.rows, 1)
+    up.check(dropped <= MAX_DROPPED_RATE,
+             f"{s.dropped_fully_masked}/{s.rows} examples fully masked and dropped ({100 * dropped:.1f}% <= "
+             f"{100 * MAX_DROPPED_RATE:.0f}%)",
+             f"{s.dropped_fully_masked}/{s.rows} examples ({100 * dropped:.1f}%) have every label masked (prompt fills "
+             "data.max_length) and are dropped: raise data.max_length")
+    up.check(s.truncation_rate < MAX_TRUNCATION_RATE,
+             f"truncation rate {100 * s.truncation_rate:.1f}% < {100 * MAX_TRUNCATION_RATE:.0f}%",
              f"{100 * s.truncation_rate:.1f}% of examples are truncated: raise data.max_length")
     batch = [setup.data.train[i] for i in range(min(recipe.train.batch_size, len(setup.data.train)))]
     loss, grads_ok = forward_backward(setup.model, setup.tokenizer, batch)

@@ -11,6 +11,10 @@ class PeftlabError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        # Messages quote user input (a --set string, a file's first line): keep them on one line.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class GuardFailure(PeftlabError):
     """The health guard stopped a run: the message is the diagnosis."""

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import socket
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from peftlab.config import Recipe
 from peftlab.errors import GuardFailure, PeftlabError
+from peftlab.registry import index_run
 from peftlab.runs import RunDir, environment, finish_fields
 from peftlab.watch.console import say
 
 INTERRUPTED_EXIT = 130
+# recipe.task -> the module that trains it: train(recipe, run, show_progress, resume_from, callbacks) -> summary fields
+TASKS = {"sft": "peftlab.tasks.sft", "classify": "peftlab.tasks.classify", "diffusion": "peftlab.tasks.diffusion"}
+
+
+def task_module(task: str) -> Any:
+    return importlib.import_module(TASKS[task])
 
 
 def default_run_name(recipe: Recipe) -> str:
@@ -19,29 +31,64 @@ def default_run_name(recipe: Recipe) -> str:
 
 
 def run_recipe(recipe: Recipe, runs_dir: Path, name: str | None = None, overwrite: bool = False,
-               show_progress: bool = True) -> RunDir:
-    """Train `recipe` into runs_dir/name. On failure the summary says `failed` (or `interrupted`) and why."""
-    from peftlab.tasks import sft
-
+               show_progress: bool = True, callbacks: Sequence[Any] = ()) -> RunDir:
+    """Train `recipe` into runs_dir/name. On failure the summary says `failed` (or `interrupted`) and why.
+    `callbacks`: extra TrainerCallbacks (a sweep's pruning callback)."""
     run = RunDir.create(runs_dir, name or default_run_name(recipe), recipe, overwrite=overwrite)
     run.update_summary(name=run.name, recipe=recipe.name, task=recipe.task, method=recipe.method.name,
                        environment=environment())
+    return _execute(recipe, run, show_progress, callbacks=callbacks)
+
+
+def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_progress: bool = True) -> RunDir:
+    """Continue run `ref` from its newest complete checkpoint, with the recipe it was started with."""
+    from peftlab.reliability import plan_resume
+
+    plan = plan_resume(ref, runs_dir, recipe)
+    resumes = [*plan.run.summary().get("resumes", []), {"from_step": plan.step, "environment": environment()}]
+    plan.run.update_summary(status="running", reason=None, resumes=resumes)
+    say(f"resuming from {plan.checkpoint.name}")
+    return _execute(plan.recipe, plan.run, show_progress, resume_from=plan.checkpoint)
+
+
+def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path | None = None,
+             callbacks: Sequence[Any] = ()) -> RunDir:
+    import torch
+
+    from peftlab.reliability import TrainingInterrupted, terminate_as_interrupt
+    from peftlab.reliability.oom import memory_advice
+
+    # pid + host let `--resume` refuse a run that is still being trained.
+    run.update_summary(pid=os.getpid(), host=socket.gethostname())
+    index_run(run)  # the registry sees the run while it trains
     say(f"run folder: {run.path}")
     try:
-        results = sft.train(recipe, run, show_progress=show_progress)
+        with terminate_as_interrupt():
+            results = task_module(recipe.task).train(recipe, run, show_progress=show_progress, resume_from=resume_from,
+                                                     callbacks=callbacks)
     except GuardFailure as exc:
         run.update_summary(**finish_fields("failed", "health guard"), diagnosis=str(exc))
         raise
     except PeftlabError as exc:
         run.update_summary(**finish_fields("failed", "bad input"), diagnosis=str(exc))
         raise
-    except KeyboardInterrupt:
-        run.update_summary(**finish_fields("interrupted", "KeyboardInterrupt"))
+    except KeyboardInterrupt as exc:
+        saved = {"checkpoint": str(exc.checkpoint)} if isinstance(exc, TrainingInterrupted) else {}
+        run.update_summary(**finish_fields("interrupted", str(exc) or "KeyboardInterrupt"), **saved,
+                           resume=f"peftlab train --resume {run.path}")
+        say(f"interrupted ({exc or 'KeyboardInterrupt'}); continue with: peftlab train --resume {run.path}")
         raise
+    except torch.OutOfMemoryError as exc:
+        message = memory_advice(recipe, run.summary().get("memory_estimate"), exc)
+        run.update_summary(**finish_fields("failed", "out of memory"), diagnosis=message)
+        raise PeftlabError(message) from None
     except Exception as exc:
         run.update_summary(**finish_fields("failed", f"{exc.__class__.__name__}: {exc}"),
                            traceback=traceback.format_exc()[-4000:])
         raise
-    summary = run.update_summary(**results, **finish_fields("completed"))
+    else:
+        summary = run.update_summary(**results, **finish_fields("completed"))
+    finally:
+        index_run(run)  # and how it ended, whatever happened
     say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')})")
     return run

@@ -7,6 +7,7 @@ time; readers skip a torn last line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,12 +25,14 @@ from typing import Any
 
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
+from peftlab.secrets import redact
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "peftlab")
-SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "diffusers", "peftlab")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file + rename; secrets (tokens, API keys) are redacted on the way."""
+    text = redact(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,6 +44,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Fill a temporary sibling folder, then swap it in: a crash never leaves a half-written adapter/."""
+    tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def json_safe(value: Any) -> Any:
@@ -72,7 +94,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def sanitize_name(name: str) -> str:
     """A run name that stays inside the runs folder: no separators, no '..', no absolute paths."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", redact(name)).strip(".-")
     if not cleaned:
         raise PeftlabError(f"run name '{name}' has no usable characters; fix: use letters, digits, '.', '_' or '-'")
     return cleaned[:120]
@@ -129,7 +151,8 @@ class RunDir:
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 raise PeftlabError(
-                    f"run folder '{path}' already holds a run; fix: pass --overwrite to replace it, or --name NEW"
+                    f"run folder '{path}' already holds a run; fix: --resume {path.name} to continue it, "
+                    "--overwrite to replace it, or --name NEW"
                 )
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -140,7 +163,7 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(json_safe(record)) + "\n")
+            fh.write(redact(json.dumps(json_safe(record))) + "\n")
             fh.flush()
 
     def metrics(self) -> list[dict[str, Any]]:

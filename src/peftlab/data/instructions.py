@@ -73,7 +73,7 @@ class InstructionData:
 
 def load_records(cfg: DataConfig, seed: int) -> Any:
     table = load_table(cfg.source, cfg.split)
-    table = map_columns(table, FIELDS, OPTIONAL_FIELDS, cfg.columns, cfg.source)
+    table = as_text(map_columns(table, FIELDS, OPTIONAL_FIELDS, cfg.columns, cfg.source), cfg.source)
     # Bundled Dolly rows come grouped by category: shuffle before anything is cut off or split.
     table = table.shuffle(seed=seed)
     if cfg.max_samples:
@@ -81,7 +81,34 @@ def load_records(cfg: DataConfig, seed: int) -> Any:
     return table
 
 
+def as_text(table: Any, source: str) -> Any:
+    """Every field as a string column: scalars (a CSV column of numbers, an all-empty column) are cast,
+    nested values (lists, objects) are refused."""
+    from datasets import Value
+
+    for name, feature in table.features.items():
+        if not isinstance(feature, Value):
+            raise PeftlabError(
+                f"data.source '{source}': the {name} column holds {type(feature).__name__.lower()} values, not text; "
+                f"fix: point data.columns.{name} at a text column"
+            )
+        if feature.dtype not in ("string", "large_string"):
+            table = table.cast_column(name, Value("string"))
+    return table
+
+
+def check_template_fits(cfg: DataConfig, tokenizer: Any) -> None:
+    """The bare template (empty instruction and context) must leave room for a response token."""
+    bare = len(tokenizer(render_prompt({"instruction": "", "context": ""}, cfg), add_special_tokens=True)["input_ids"])
+    if cfg.max_length <= bare:
+        raise PeftlabError(
+            f"data.max_length: {cfg.max_length} is not longer than the prompt template alone ({bare} tokens), so no "
+            f"response token could be trained; fix: raise data.max_length well above {bare} or shorten data.template"
+        )
+
+
 def build_instruction_data(cfg: DataConfig, tokenizer: Any, seed: int) -> InstructionData:
+    check_template_fits(cfg, tokenizer)
     table = load_records(cfg, seed)
     encoded = table.map(lambda row: encode(row, tokenizer, cfg), remove_columns=table.column_names)
     trained = [sum(1 for x in labels if x != IGNORE_INDEX) for labels in encoded["labels"]]

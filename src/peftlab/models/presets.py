@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,15 @@ TINY_GEMMA2: dict[str, Any] = dict(
     GEMMA2_2B, vocab_size=4096, initializer_range=0.4, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=256, query_pre_attn_scalar=16,
 )
+# microsoft/DialoGPT-medium config.json, architecture fields (a GPT-2 medium, 355M). The sequence-classification
+# task loads it with AutoModelForSequenceClassification: the transformer weights load, the `score` head is new.
+DIALOGPT_MEDIUM: dict[str, Any] = dict(
+    model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16,
+    activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
+    initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
+)
+# Same structure at CPU-test size, keeping GPT-2's 50k vocabulary so the real tokenizer's ids fit.
+TINY_GPT2: dict[str, Any] = dict(DIALOGPT_MEDIUM, n_embd=64, n_layer=2, n_head=4)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class Preset:
     config: dict[str, Any]
     description: str
     tokenizer: str  # bundled tokenizer file (the model's own is not available offline)
+    native_tokenizer: bool = False  # the bundled file is the model's own tokenizer
 
 
 PRESETS: dict[str, Preset] = {
@@ -57,13 +68,19 @@ PRESETS: dict[str, Preset] = {
         Preset("gemma-2-2b", GEMMA2_2B, "google/gemma-2-2b architecture (2.6B), random weights", "gpt2-tokenizer"),
         Preset("tiny-gemma2", TINY_GEMMA2, "Gemma-2 structure at 0.5M params, random weights, CPU tests",
                "dolly-bpe4k-tokenizer"),
+        Preset("dialogpt-medium", DIALOGPT_MEDIUM, "microsoft/DialoGPT-medium architecture (GPT-2, 355M), random weights",
+               "gpt2-tokenizer", native_tokenizer=True),
+        Preset("tiny-gpt2", TINY_GPT2, "GPT-2 structure at 3.3M params (50k vocab), random weights, CPU tests",
+               "gpt2-tokenizer", native_tokenizer=True),
     )
 }
 
 # The Gemma tokenizer is not available offline: presets use a bundled byte-level BPE (GPT-2's, or a
 # 4k one for tiny twins) whose ids fit the preset vocabulary. Say so wherever a preset is loaded.
 def tokenizer_note(name: str) -> str:
-    return f"preset tokenizer: bundled byte-level BPE '{get_preset(name).tokenizer}', not the model's own"
+    preset = get_preset(name)
+    whose = "the model's own" if preset.native_tokenizer else "not the model's own"
+    return f"preset tokenizer: bundled byte-level BPE '{preset.tokenizer}', {whose}"
 
 
 def get_preset(name: str) -> Preset:
@@ -81,19 +98,42 @@ def preset_checkpoint(name: str, dtype: torch.dtype) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     preset = get_preset(name)
-    digest = hashlib.sha256(json.dumps([preset.config, preset.tokenizer], sort_keys=True).encode()).hexdigest()[:8]
+    digest = config_digest(preset.config, preset.tokenizer)
     folder = cache_root() / "presets" / f"{name}-{digest}-seed{PRESET_SEED}-{str(dtype).removeprefix('torch.')}"
     if (folder / "config.json").exists():
         return folder
     config_kwargs = dict(preset.config)
     config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
-    torch.manual_seed(PRESET_SEED)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2.6B random init is minutes on a CPU
+    # fork_rng: building the cache must not move the caller's RNG, or a run's LoRA init (and so its losses)
+    # would depend on whether the preset was already cached.
+    with torch.random.fork_rng(), torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2.6B random init is minutes on a CPU
+        torch.manual_seed(PRESET_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        bundled_tokenizer(preset.tokenizer).save_pretrained(tmp)
+
+    return build_once(folder, write)
+
+
+def config_digest(*parts: Any) -> str:
+    """A short stable hash of a preset's definition: a changed config gets a new cache folder."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def build_once(folder: Path, write: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """`folder`, filled by `write(tmp)` in a temporary sibling and renamed into place: readers never see half a
+    checkpoint, and concurrent builders are harmless."""
+    if (folder / marker).exists():
+        return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    model.save_pretrained(tmp)
-    bundled_tokenizer(preset.tokenizer).save_pretrained(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(folder)
     except OSError:  # another process won the race; its copy is identical

@@ -1,55 +1,176 @@
-"""Comparison of runs: the table of the original notes, computed from run folders.
+"""Comparison of runs: the tables of the original notes, computed from run folders.
 
-Every cell comes from a summary.json; a metric a run does not have is shown as "n/a", never as
-NaN arithmetic. Ratios are against a baseline run (default: the first).
+Every cell comes from a summary.json; a metric a run does not have is "n/a", never NaN arithmetic.
+Ratios and deltas are against a baseline (default: the first run). Columns are task-aware: a task
+declares the columns it always shows and its key metrics, and any other known column appears as
+soon as one of the compared runs carries it, so a new task plugs in by writing the usual keys.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-from peftlab.runs import RunDir
-from peftlab.watch.memory import peak_gib
+from peftlab.errors import PeftlabError
 
 NA = "n/a"
+FORMATS = ("table", "markdown", "csv", "json")
+Kind = Literal["time", "memory", "rate", "metric", "count"]
 
 
 @dataclass(frozen=True)
 class Column:
-    key: str
+    name: str  # the row key (and the summary key unless `keys` says otherwise)
     title: str
     fmt: str
-    higher_is_better: bool | None  # None: no ratio is printed for it
+    kind: Kind  # time -> speedup, memory -> % change, rate -> ratio, metric -> delta, count -> none
+    lower_is_better: bool = False
+    keys: tuple[str, ...] = ()  # summary keys to read, first present wins; default (name,)
+
+    def read(self, summary: dict[str, Any]) -> float | None:
+        for key in self.keys or (self.name,):
+            value = number(summary.get(key))
+            if value is not None:
+                return value
+        return None
 
 
-SFT_COLUMNS = (
-    Column("runtime_s", "train time s", ".1f", False),
-    Column("peak_mem_gib", "peak mem GiB", ".2f", False),
-    Column("steps_per_s", "steps/s", ".3f", True),
-    Column("samples_per_s", "samples/s", ".2f", True),
-    Column("tokens_per_s", "tokens/s", ".0f", True),
-    Column("steps", "steps", "d", None),
-    Column("final_train_loss", "final loss", ".4f", None),
-    Column("eval_loss", "eval loss", ".4f", None),
-    Column("perplexity", "perplexity", ".2f", None),
+COLUMNS = (
+    Column("runtime_s", "train time s", ".1f", "time", lower_is_better=True),
+    # CUDA allocator peak on a GPU, resident-set peak on a CPU (see watch/memory.py).
+    Column("peak_mem_gib", "peak mem GiB", ".2f", "memory", True, ("peak_mem_allocated_gib", "peak_mem_rss_gib")),
+    Column("peak_mem_reserved_gib", "peak reserved GiB", ".2f", "memory", lower_is_better=True),
+    Column("steps_per_s", "steps/s", ".3f", "rate"),
+    Column("it_per_s", "it/s", ".3f", "rate"),
+    Column("samples_per_s", "samples/s", ".2f", "rate"),
+    Column("tokens_per_s", "tokens/s", ".0f", "rate"),
+    Column("padded_tokens_per_s", "padded tok/s", ".0f", "rate"),
+    Column("steps", "steps", "d", "count"),
+    Column("epochs", "epochs", ".2f", "count"),
+    Column("final_train_loss", "final loss", ".4f", "metric", lower_is_better=True),
+    Column("eval_loss", "eval loss", ".4f", "metric", lower_is_better=True),
+    Column("perplexity", "perplexity", ".2f", "metric", lower_is_better=True),
+    Column("eval_accuracy", "eval acc", ".4f", "metric"),
+    Column("eval_f1", "eval F1", ".4f", "metric"),
+    Column("test_accuracy", "test acc", ".4f", "metric"),
+    Column("test_f1", "test F1", ".4f", "metric"),
 )
+BY_NAME = {c.name: c for c in COLUMNS}
+ALWAYS = ("runtime_s", "peak_mem_gib", "steps", "final_train_loss")
+
+
+@dataclass(frozen=True)
+class TaskView:
+    columns: tuple[str, ...]  # shown for runs of this task even when n/a
+    key_metrics: tuple[tuple[str, ...], ...]  # groups of alternatives: the first present of each group
+    rate: tuple[str, ...]  # the throughput named in the one-line verdict, first present wins
+
+
+TASK_VIEWS: dict[str, TaskView] = {
+    "sft": TaskView(("steps_per_s", "samples_per_s", "tokens_per_s", "eval_loss", "perplexity"),
+                    (("eval_loss", "final_train_loss"),), ("tokens_per_s", "samples_per_s")),
+    "classify": TaskView(("samples_per_s", "tokens_per_s", "eval_f1", "test_accuracy", "test_f1"),
+                         (("test_accuracy", "eval_accuracy"), ("test_f1", "eval_f1")), ("tokens_per_s", "samples_per_s")),
+    "diffusion": TaskView(("it_per_s",), (("final_train_loss",), ("it_per_s",)), ("it_per_s", "steps_per_s")),
+}
+DEFAULT_VIEW = TaskView((), (("eval_loss", "final_train_loss"),), ("tokens_per_s", "samples_per_s", "it_per_s"))
+
+
+def view(task: str | None) -> TaskView:
+    return TASK_VIEWS.get(task or "", DEFAULT_VIEW)
 
 
 def number(value: Any) -> float | None:
-    """A finite float, or None for missing/NaN/inf/strings (how json_safe stores non-finite values)."""
+    """A finite number, or None for missing/NaN/inf/strings (how json_safe stores non-finite values)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    return value if math.isfinite(value) else None  # ints stay ints (steps in a CSV read "60", not "60.0")
 
 
-def run_row(run: RunDir) -> dict[str, Any]:
-    summary = run.summary()
-    row = {"run": run.name, "method": summary.get("method"), "status": summary.get("status")}
-    for column in SFT_COLUMNS:
-        row[column.key] = number(peak_gib(summary) if column.key == "peak_mem_gib" else summary.get(column.key))
+def key_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The task's headline numbers present in a summary, e.g. {"eval_loss": 1.23} for SFT."""
+    found = {}
+    for group in view(summary.get("task")).key_metrics:
+        for name in group:
+            value = BY_NAME[name].read(summary)
+            if value is not None:
+                found[name] = value
+                break
+    return found
+
+
+def key_metric_text(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{BY_NAME[k].title} {cell(v, BY_NAME[k].fmt)}" for k, v in metrics.items()) or NA
+
+
+class Source(Protocol):
+    """A run folder, or a JSON file of reference metrics: anything with a name, a path and a summary."""
+
+    path: Path
+
+    @property
+    def name(self) -> str: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ReferenceFile:
+    """Reference metrics from a previous experiment, e.g. {"test_accuracy": 0.93, "peak_mem_allocated_gib": 7.2}."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def summary(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PeftlabError(f"baseline file '{self.path}': not readable JSON ({exc.__class__.__name__}); "
+                               "fix: pass a run or a JSON object of metrics") from None
+        if not isinstance(data, dict):
+            raise PeftlabError(f"baseline file '{self.path}': expected a JSON object of metrics, found "
+                               f"{type(data).__name__}; fix: e.g. {{\"test_accuracy\": 0.93}}")
+        return data
+
+
+def open_source(ref: str, runs_dir: Path) -> Source:
+    """A run by name or folder, or (for baselines) a JSON file of reference metrics."""
+    from peftlab.runs import open_run
+
+    path = Path(ref)
+    if path.is_file() and path.suffix == ".json":
+        return ReferenceFile(path)
+    return open_run(ref, runs_dir)
+
+
+@dataclass
+class Comparison:
+    sources: list[Source]  # in row order
+    rows: list[dict[str, Any]]  # one per source, raw numbers (None = missing) plus row["vs"]
+    base: dict[str, Any]
+    columns: list[Column]  # the visible ones, in display order
+
+
+def run_row(source: Source) -> dict[str, Any]:
+    summary = source.summary()
+    row = {"run": source.name, "task": summary.get("task"), "method": summary.get("method"),
+           "status": summary.get("status")}
+    row.update({c.name: c.read(summary) for c in COLUMNS})
+    # e.g. classify's f1_definition: which F1 "f1" is; shown under the tables
+    row["definitions"] = {k: v for k, v in summary.items() if k.endswith("_definition") and isinstance(v, str)}
     return row
+
+
+def definitions(comp: Comparison) -> list[str]:
+    return list(dict.fromkeys(text for row in comp.rows for text in row["definitions"].values()))
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -58,24 +179,59 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
-def comparison_rows(runs: list[RunDir], baseline: RunDir | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One row per run plus, per run, ratios/deltas against the baseline."""
+def versus(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    """Ratios and deltas of one row against the baseline row; None where either side is missing."""
+    vs: dict[str, float | None] = {}
+    for c in COLUMNS:
+        value, ref = row[c.name], base[c.name]
+        if c.kind == "time":
+            vs["speedup"] = ratio(ref, value)  # > 1: faster than the baseline
+        elif c.kind == "memory":
+            r = ratio(value, ref)
+            vs[f"{c.name}_change_pct"] = None if r is None else 100.0 * (r - 1.0)
+        elif c.kind == "rate":
+            vs[f"{c.name}_ratio"] = ratio(value, ref)
+        elif c.kind == "metric":
+            delta = None if value is None or ref is None else value - ref
+            r = ratio(value, ref)
+            vs[f"{c.name}_delta"] = delta
+            vs[f"{c.name}_delta_pct"] = None if r is None else 100.0 * (r - 1.0)
+    return vs
+
+
+def compare(runs: list[Source], baseline: Source | None = None) -> Comparison:
+    """One row per run (the baseline first if it is not among them), with ratios/deltas against it."""
+    if not runs:
+        raise PeftlabError("nothing to compare: no runs given; fix: pass run names or folders (see `peftlab runs`)")
+    if baseline is not None and not any(_same(baseline, r) for r in runs):
+        runs = [baseline, *runs]
     rows = [run_row(r) for r in runs]
-    base = run_row(baseline) if baseline is not None else rows[0]
+    names = [r["run"] for r in rows]
+    for row, source in zip(rows, runs, strict=True):
+        if names.count(row["run"]) > 1:  # same name in different folders: say which folder
+            row["run"] = f"{Path(source.path).parent.name}/{row['run']}"
+    base = rows[next((i for i, r in enumerate(runs) if baseline is not None and _same(baseline, r)), 0)]
     for row in rows:
-        row["vs"] = {}
-        for column in SFT_COLUMNS:
-            value, ref = row[column.key], base[column.key]
-            if column.key == "runtime_s":
-                row["vs"]["speedup"] = ratio(ref, value)  # > 1 means faster than the baseline
-            elif column.key == "peak_mem_gib":
-                r = ratio(value, ref)
-                row["vs"]["memory_change_pct"] = None if r is None else 100.0 * (r - 1.0)
-            elif column.higher_is_better:
-                row["vs"][f"{column.key}_ratio"] = ratio(value, ref)
-            elif column.key in ("eval_loss", "final_train_loss", "perplexity"):
-                row["vs"][f"{column.key}_delta"] = None if value is None or ref is None else value - ref
-    return rows, base
+        row["vs"] = versus(row, base)
+    return Comparison(runs, rows, base, visible_columns(rows))
+
+
+def _same(a: Source, b: Source) -> bool:
+    return Path(a.path).resolve() == Path(b.path).resolve()
+
+
+def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    wanted = set(ALWAYS)
+    for row in rows:
+        wanted.update(view(row["task"]).columns)
+    return [c for c in COLUMNS if c.name in wanted or any(row[c.name] is not None for row in rows)]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def text(value: Any) -> str:
+    return NA if value is None else str(value)
 
 
 def cell(value: Any, fmt: str) -> str:
@@ -86,26 +242,134 @@ def cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def table_lines(rows: list[dict[str, Any]], base: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["run", "method", "status"] + [c.title for c in SFT_COLUMNS]
-    body = [[str(r["run"]), str(r["method"]), str(r["status"])] + [cell(r[c.key], c.fmt) for c in SFT_COLUMNS] for r in rows]
+def signed(value: float | None, fmt: str, suffix: str = "") -> str:
+    return NA if value is None else f"{value:+{fmt}}{suffix}"
+
+
+def main_table(comp: Comparison) -> tuple[list[str], list[list[str]]]:
+    headers = ["run", "task", "method", "status"] + [c.title for c in comp.columns]
+    body = [[text(r["run"]), text(r["task"]), text(r["method"]), text(r["status"])]
+            + [cell(r[c.name], c.fmt) for c in comp.columns] for r in comp.rows]
     return headers, body
 
 
-def ratio_sentences(rows: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
-    """The lines the original notes were typed by hand: '<run> is 1.45x faster, uses 4.2% more memory'."""
+def vs_columns(comp: Comparison) -> list[tuple[str, Column]]:
+    """(vs key, column) pairs worth a column: kinds that compare, where at least one row has a value."""
+    pairs = []
+    for c in comp.columns:
+        key = {"time": "speedup", "memory": f"{c.name}_change_pct", "rate": f"{c.name}_ratio",
+               "metric": f"{c.name}_delta"}.get(c.kind)
+        if key and any(r["vs"][key] is not None for r in comp.rows):
+            pairs.append((key, c))
+    return pairs
+
+
+def vs_text(row: dict[str, Any], key: str, column: Column) -> str:
+    value = row["vs"][key]
+    if value is None:
+        return NA
+    if column.kind in ("time", "rate"):
+        return f"{value:.2f}x"
+    if column.kind == "memory":
+        return signed(value, ".1f", "%")
+    pct = row["vs"][f"{column.name}_delta_pct"]
+    return signed(value, column.fmt) + ("" if pct is None else f" ({pct:+.1f}%)")
+
+
+def vs_table(comp: Comparison) -> tuple[list[str], list[list[str]]]:
+    pairs = vs_columns(comp)
+    titles = {"time": "speedup", "memory": "{} change", "rate": "{} ratio", "metric": "{} delta"}
+    headers = ["run"] + [titles[c.kind].format(c.title) for _, c in pairs]
+    body = [[r["run"] + (" (baseline)" if r is comp.base else "")] + [vs_text(r, k, c) for k, c in pairs]
+            for r in comp.rows]
+    return headers, body
+
+
+def verdicts(comp: Comparison) -> list[str]:
+    """The lines the original notes were typed by hand: '<run> vs <base>: 1.45x faster, 4.2% more memory, ...'."""
     lines = []
-    for row in rows:
-        if row["run"] == base["run"]:
+    for row in comp.rows:
+        if row is comp.base:
             continue
         vs = row["vs"]
-        speed = vs.get("speedup")
-        mem = vs.get("memory_change_pct")
-        speed_text = NA if speed is None else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
-        mem_text = NA if mem is None else f"{abs(mem):.1f}% {'more' if mem >= 0 else 'less'} memory"
-        tok = vs.get("tokens_per_s_ratio")
-        tok_text = NA if tok is None else f"{tok:.2f}x tokens/s"
-        loss = vs.get("eval_loss_delta")
-        loss_text = NA if loss is None else f"eval loss {loss:+.4f}"
-        lines.append(f"{row['run']} vs {base['run']}: {speed_text}, {mem_text}, {tok_text}, {loss_text}")
+        speed, mem = vs["speedup"], vs["peak_mem_gib_change_pct"]
+        parts = [f"speed {NA}" if speed is None else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"),
+                 f"memory {NA}" if mem is None else f"{abs(mem):.1f}% {'more' if mem >= 0 else 'less'} memory"]
+        rate = next((n for n in view(row["task"]).rate if vs[f"{n}_ratio"] is not None), None)
+        if rate:
+            parts.append(f"{vs[f'{rate}_ratio']:.2f}x {BY_NAME[rate].title}")
+        for group in view(row["task"]).key_metrics:
+            name = next((n for n in group if vs.get(f"{n}_delta") is not None), None)
+            if name:  # rates among the key metrics are covered by the ratio above
+                parts.append(f"{BY_NAME[name].title} {signed(vs[f'{name}_delta'], BY_NAME[name].fmt)}")
+        lines.append(f"{row['run']} vs {comp.base['run']}: {', '.join(parts)}")
     return lines
+
+
+def markdown_table(headers: list[str], body: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *map(line, body)])
+
+
+def as_json(comp: Comparison) -> str:
+    return json.dumps({"baseline": comp.base["run"], "columns": [c.name for c in comp.columns], "runs": comp.rows},
+                      indent=2)
+
+
+def as_csv(comp: Comparison) -> str:
+    """One flat row per run: raw values, then the vs-baseline numbers; 'n/a' where missing."""
+    pairs = vs_columns(comp)
+    extra = [k for key, c in pairs for k in (key, f"{c.name}_delta_pct")[: 2 if c.kind == "metric" else 1]]
+    keys = ["run", "task", "method", "status"] + [c.name for c in comp.columns]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(keys + [f"vs_{k}" for k in extra])
+    for r in comp.rows:
+        writer.writerow([NA if r[k] is None else r[k] for k in keys] + [NA if r["vs"][k] is None else r["vs"][k] for k in extra])
+    return out.getvalue()
+
+
+def render(comp: Comparison, fmt: str) -> str:
+    """The comparison as text in a machine- or document-friendly format (`table` goes through rich instead)."""
+    if fmt == "json":
+        return as_json(comp)
+    if fmt == "csv":
+        return as_csv(comp)
+    if fmt == "markdown":
+        parts = [markdown_table(*main_table(comp)), "", f"vs baseline `{comp.base['run']}`:", "",
+                 markdown_table(*vs_table(comp))]
+        parts += [""] + [f"- {line}" for line in verdicts(comp)] if len(comp.rows) > 1 else []
+        parts += [""] + [f"Note: {text}" for text in definitions(comp)] if definitions(comp) else []
+        return "\n".join(parts) + "\n"
+    raise PeftlabError(f"--format '{fmt}': unknown; valid: {', '.join(FORMATS)}")
+
+
+def transpose(headers: list[str], body: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """One column per run, one row per field: what still fits a terminal when there are many columns."""
+    return [headers[0]] + [row[0] for row in body], [[h] + [row[i] for row in body] for i, h in enumerate(headers) if i]
+
+
+def print_fitting(headers: list[str], body: list[list[str]], title: str) -> None:
+    from peftlab.watch.console import console, print_table
+
+    natural = sum(max(len(h), *(len(row[i]) for row in body)) + 3 for i, h in enumerate(headers))
+    print_table(*(transpose(headers, body) if natural > console().width else (headers, body)), title=title)
+
+
+def print_comparison(comp: Comparison, fmt: str = "table") -> None:
+    from peftlab.watch.console import say
+
+    if fmt != "table":
+        import typer
+
+        typer.echo(render(comp, fmt), nl=False)
+        return
+    print_fitting(*main_table(comp), title="comparison")
+    if len(comp.rows) > 1:
+        print_fitting(*vs_table(comp), title=f"vs baseline {comp.base['run']}")
+        for line in verdicts(comp):
+            say(line)
+    for text in definitions(comp):
+        say(f"note: {text}")

@@ -9,21 +9,25 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from peftlab.config import Recipe
 from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES, resolve_precision
-from peftlab.runs import RunDir, atomic_write_text
+from peftlab.reliability import TrainingInterrupted, carried_state, train_resumable
+from peftlab.runs import RunDir, atomic_dir, atomic_write_text
+from peftlab.tasks.common import throughput, trainer_arguments
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
-from peftlab.watch.memory import memory_kind, peak_memory, reset_peak_memory
+from peftlab.watch.memory import peak_memory, reset_peak_memory
 from peftlab.watch.monitor import BatchCounter, MonitorCallback
 
 
@@ -79,49 +83,27 @@ class CountingSFTTrainer(SFTTrainer):
 
 def training_arguments(recipe: Recipe, run: RunDir, precision: str) -> SFTConfig:
     t = recipe.train
-    on_gpu = torch.cuda.is_available()
     return SFTConfig(
-        output_dir=str(run.checkpoints_path),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not on_gpu,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **trainer_arguments(recipe, run, precision),
         padding_free=t.padding_free,
         max_length=None if t.padding_free else recipe.data.max_length,
-        logging_steps=t.logging_steps,
-        logging_nan_inf_filter=False,  # the filter is what hid NaN losses as 0.0: the guard needs raw values
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to="none",
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        dataloader_num_workers=0,
-        label_names=["labels"],
-        disable_tqdm=True,
     )
 
 
-def train(recipe: Recipe, run: RunDir, show_progress: bool = True) -> dict[str, Any]:
-    """Build, train, evaluate, save the adapter and samples; returns the summary fields."""
+def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
+          callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+    """Build, train (or continue from the checkpoint `resume_from`), evaluate, save the adapter and
+    samples; returns the summary fields."""
+    from peftlab.doctor import estimate_memory
+
     setup = build(recipe)
     _announce(recipe, setup)
+    estimate = estimate_memory(setup.model, recipe, 4 if setup.context.precision == "fp32" else 2)
     run.update_summary(data=setup.data.stats.as_dict(), precision=setup.context.precision,
-                       attn_implementation=setup.context.attn_implementation, notes=setup.notes)
-    counter = BatchCounter()
+                       attn_implementation=setup.context.attn_implementation, notes=setup.notes,
+                       memory_estimate={**asdict(estimate), "total_gib": estimate.total_gib})
+    carried = carried_state(resume_from)  # token counters and runtime of the run so far
+    counter = BatchCounter(**carried.get("counter", {}))
     guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
     trainer = CountingSFTTrainer(
         model=setup.model,
@@ -130,20 +112,31 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True) -> dict[str, 
         eval_dataset=setup.data.eval,
         processing_class=setup.tokenizer,
         counter=counter,
-        callbacks=[MonitorCallback(run, counter, guard, Progress("train", show_progress))],
+        callbacks=[MonitorCallback(run, counter, guard, Progress("train", show_progress)), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
     reset_peak_memory()
-    start = time.perf_counter()
-    result = trainer.train()
+    start = time.perf_counter() - carried.get("runtime_s", 0.0)
+    try:
+        result = train_resumable(trainer, recipe.train, resume_from,
+                                 carry=lambda: {"counter": dict(vars(counter)), "runtime_s": time.perf_counter() - start})
+    except TrainingInterrupted:
+        save_adapter(run, setup)
+        raise
     runtime = time.perf_counter() - start
-    summary = _throughput(trainer, counter, runtime, result.training_loss)
+    summary = throughput(trainer, counter, runtime, result.training_loss)
     summary.update(peak_memory())
     summary.update(_evaluate(trainer, setup.data))
-    setup.model.save_pretrained(run.adapter_path)
-    setup.tokenizer.save_pretrained(run.adapter_path)
+    save_adapter(run, setup)
     write_samples(run, recipe, setup.model, setup.tokenizer)
     return summary
+
+
+def save_adapter(run: RunDir, setup: SftSetup) -> None:
+    """adapter/ (safetensors + tokenizer), swapped in whole."""
+    with atomic_dir(run.adapter_path) as folder:
+        setup.model.save_pretrained(folder)
+        setup.tokenizer.save_pretrained(folder)
 
 
 def _announce(recipe: Recipe, setup: SftSetup) -> None:
@@ -156,27 +149,6 @@ def _announce(recipe: Recipe, setup: SftSetup) -> None:
     say(f"data: {s.train_rows} train / {s.eval_rows} eval rows, {s.tokens_mean:.0f} tokens mean, "
         f"{100 * s.truncation_rate:.1f}% truncated at {recipe.data.max_length}"
         + (f", {s.dropped_fully_masked} dropped (prompt fills max_length)" if s.dropped_fully_masked else ""))
-
-
-def _throughput(trainer: SFTTrainer, counter: BatchCounter, runtime: float, train_loss: float) -> dict[str, Any]:
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    steps = trainer.state.global_step
-    return {
-        "runtime_s": round(runtime, 3),
-        "steps": steps,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "steps_per_s": round(steps / runtime, 4),
-        "samples": counter.samples,
-        "samples_per_s": round(counter.samples / runtime, 3),
-        "tokens": counter.tokens,
-        "tokens_per_s": round(counter.tokens / runtime, 2),
-        "padded_tokens": counter.padded_tokens,
-        "padded_tokens_per_s": round(counter.padded_tokens / runtime, 2),
-        "trained_tokens": counter.trained_tokens,
-        "final_train_loss": history[-1]["loss"] if history else None,
-        "mean_train_loss": train_loss,
-        "memory_kind": memory_kind(),
-    }
 
 
 def _evaluate(trainer: SFTTrainer, data: InstructionData) -> dict[str, Any]:
@@ -226,5 +198,6 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
     attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
     base = loader.load_causal_lm(recipe.model, DTYPES[precision], attn)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
+    loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer
 

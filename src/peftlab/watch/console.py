@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+from peftlab.secrets import redact
+
 
 def harden_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
@@ -30,7 +32,7 @@ def console() -> Console:
 
 
 def say(text: str = "", style: str | None = None) -> None:
-    console().print(text, style=style, markup=False)
+    console().print(redact(text), style=style, markup=False)
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
@@ -46,10 +48,15 @@ def format_record(record: dict[str, Any]) -> str:
         parts = [f"eval step {record['step']}"] + [f"{k} {_fmt(v)}" for k, v in record.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k]
         return "  ".join(parts)
     mem = record.get("mem_allocated_gib", record.get("mem_rss_gib"))
+    peak = record.get("peak_mem_allocated_gib", record.get("peak_mem_rss_gib"))
+    # diffusion logs micro-steps/s (the original's "it/s"), the text tasks tokens/s
+    rate = (f"it/s {_fmt(record.get('it_per_s'), '.3g')}" if "it_per_s" in record and "tokens_per_s" not in record
+            else f"tok/s {_fmt(record.get('tokens_per_s'), '.0f')}")
+    # .get: `peftlab watch` also formats records of other tasks, which may not log every key
     return (
-        f"step {record['step']}  epoch {record['epoch']:.2f}  loss {_fmt(record['loss'])}  "
-        f"grad_norm {_fmt(record['grad_norm'])}  lr {_fmt(record['lr'], '.3g')}  "
-        f"tok/s {_fmt(record['tokens_per_s'], '.0f')}  mem {_fmt(mem, '.2f')} GiB"
+        f"step {record.get('step')}  epoch {_fmt(record.get('epoch'), '.2f')}  loss {_fmt(record.get('loss'))}  "
+        f"grad_norm {_fmt(record.get('grad_norm'))}  lr {_fmt(record.get('lr'), '.3g')}  "
+        f"{rate}  mem {_fmt(mem, '.2f')} GiB" + (f" (peak {_fmt(peak, '.2f')})" if peak is not None else "")
     )
 
 
@@ -83,7 +90,7 @@ class Progress:
             self._bar.update(self._task, completed=step)
 
     def log(self, record: dict[str, Any]) -> None:
-        line = format_record(record)
+        line = redact(format_record(record))
         if self._bar is not None:
             self._bar.console.print(line, markup=False, highlight=False)
         else:

@@ -59,11 +59,3 @@ def _peak_rss_bytes() -> int:
     # Elsewhere: a process-lifetime peak (KiB on Linux, bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
-
-
-def peak_gib(summary: dict) -> float | None:
-    """The headline peak of a summary: CUDA peak allocated, else CPU peak RSS."""
-    for key in ("peak_mem_allocated_gib", "peak_mem_rss_gib"):
-        if summary.get(key) is not None:
-            return summary[key]
-    return None

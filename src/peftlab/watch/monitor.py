@@ -35,12 +35,17 @@ class BatchCounter:
         else:  # padding-free: one packed row, sequences start where position_ids == 0
             real = ids.numel()
             samples = int((inputs["position_ids"] == 0).sum()) if "position_ids" in inputs else ids.shape[0]
-        trained = int((inputs["labels"][..., 1:] != -100).sum())
+        trained = self.trained_in(inputs["labels"])
         self.samples += samples
         self.tokens += real
         self.padded_tokens += ids.numel()
         self.trained_tokens += trained
         return trained
+
+    @staticmethod
+    def trained_in(labels: Any) -> int:
+        """Label positions the loss sees: a causal LM predicts token t+1 from t, so the first never counts."""
+        return int((labels[..., 1:] != -100).sum())
 
 
 class MonitorCallback(TrainerCallback):
@@ -54,6 +59,7 @@ class MonitorCallback(TrainerCallback):
         self.start = self.last_time = time.perf_counter()
         self.last = BatchCounter(**vars(self.counter))
         self.last_step = state.global_step
+        self.run.update_summary(max_steps=state.max_steps)  # `peftlab watch` computes its ETA from it
         self.progress.start(total=state.max_steps, done=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -91,6 +97,7 @@ class MonitorCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "lr": logs.get("learning_rate"),
             "tokens": c.tokens,
+            "padded_tokens": c.padded_tokens,
             "samples": c.samples,
             "tokens_per_s": round((c.tokens - last.tokens) / dt, 2),
             "padded_tokens_per_s": round((c.padded_tokens - last.padded_tokens) / dt, 2),

@@ -1,0 +1,98 @@
+"""Ctrl-C / SIGTERM during training: finish the current step, save a checkpoint, stop cleanly.
+
+The signal handler only sets a flag (no I/O, no allocation inside a handler); `StopCallback` turns
+the flag into `control.should_save` + `should_training_stop` at the next step end, so the HF Trainer
+writes a full checkpoint (weights, optimizer, scheduler, RNG, trainer_state) through its own code
+path. A second signal, or one outside the training loop, raises KeyboardInterrupt at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from peftlab.config import TrainConfig
+from peftlab.reliability.checkpoints import CarryState, RetentionCallback
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after saving `checkpoint`. A KeyboardInterrupt, so that no
+    `except Exception` on the way up swallows it and the CLI exits with INTERRUPTED_EXIT."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name} at step {step}; checkpoint saved: {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+@contextlib.contextmanager
+def _handlers(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Install `handler` for SIGINT and SIGTERM, restore the previous ones on exit (main thread only:
+    Python delivers signals there, and signal.signal() refuses other threads)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt), so a killed job still records `interrupted`."""
+    return _handlers(_raise_interrupt)
+
+
+class StopRequest:
+    """The flag the signal handler sets."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # asked twice: the user wants out now
+            _raise_interrupt(signum, frame)
+        self.signal_name = signal.Signals(signum).name
+
+
+class StopCallback(TrainerCallback):
+    def __init__(self, request: StopRequest) -> None:
+        self.request = request
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.request.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_log = True  # the steps since the last log would otherwise be lost from metrics.jsonl
+        return control
+
+
+def train_resumable(trainer: Any, train: TrainConfig, resume_from: Path | None = None,
+                    carry: Callable[[], dict[str, Any]] | None = None) -> Any:
+    """`trainer.train()` that stops on SIGINT/SIGTERM with a checkpoint (then raises
+    TrainingInterrupted), resumes from `resume_from`, keeps the last N checkpoints plus the best,
+    and saves `carry()` (task counters) inside every checkpoint."""
+    request = StopRequest()
+    for callback in (StopCallback(request), RetentionCallback(train.save_total_limit), CarryState(carry)):
+        trainer.add_callback(callback)
+    with _handlers(request.handle):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    step = trainer.state.global_step
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    # A signal after the last step's end found the loop already done: nothing left to stop.
+    if request.signal_name is not None and checkpoint.is_dir():
+        raise TrainingInterrupted(request.signal_name, step, checkpoint)
+    return result

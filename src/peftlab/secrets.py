@@ -1,0 +1,56 @@
+"""Keep tokens and API keys out of everything a run writes: config, summary, metrics, logs, reports.
+
+`redact` is applied by the run-folder writers (runs.py) and the console, so a secret that slips into
+a recipe field, an error message or a traceback is replaced before it reaches a file or a terminal.
+Two sources of secrets: the values of environment variables named like credentials (HF_TOKEN,
+WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...), and strings shaped like well-known token formats.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+REDACTED = "<redacted>"
+
+# A name segment that marks a credential: HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, MY_SECRET_X.
+# Segment-anchored so TOKENIZERS_PARALLELISM or KEYTIMEOUT are not taken for secrets.
+SECRET_NAME = re.compile(r"(?:^|_)(?:[A-Z]*TOKEN|[A-Z]*KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?)S?(?:_|$)", re.IGNORECASE)
+# Shorter values ("1", "false") would turn ordinary text into redaction marks.
+MIN_SECRET_LENGTH = 8
+
+TOKEN_PATTERNS = re.compile(
+    "|".join((
+        r"\bhf_[A-Za-z0-9]{20,}",  # Hugging Face
+        r"\bsk-[A-Za-z0-9_-]{16,}",  # OpenAI / Anthropic style
+        r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{20,}",  # GitHub
+        r"\bgithub_pat_[A-Za-z0-9_]{20,}",
+        r"\bxox[abprs]-[A-Za-z0-9-]{10,}",  # Slack
+        r"\bAKIA[0-9A-Z]{16}\b",  # AWS access key id
+        r"(?<=://)[^/\s:@'\"]+:[^/\s@'\"]+(?=@)",  # user:password@ in URLs
+    ))
+)
+# key=value, key: value, "key": "value" where the key names a credential (not e.g. max_new_tokens: 48).
+KEY_VALUE = re.compile(
+    r"(?i)(?<![A-Za-z0-9])((?:api[_-]?key|access[_-]?token|auth[_-]?token|token|secret|password|passwd)[\"']?\s*[=:]\s*[\"']?"
+    r"|bearer\s+)[^\s'\"\\,}&]{6,}"
+)
+
+
+def secret_env_values() -> dict[str, str]:
+    """Values of credential-named environment variables, longest first (so overlaps redact fully)."""
+    found = {
+        name: value
+        for name, value in os.environ.items()
+        if SECRET_NAME.search(name) and len(value.strip()) >= MIN_SECRET_LENGTH
+    }
+    return dict(sorted(found.items(), key=lambda item: -len(item[1])))
+
+
+def redact(text: str) -> str:
+    """`text` with every known secret replaced by a marker naming where it came from, never its value."""
+    for name, value in secret_env_values().items():
+        if value in text:
+            text = text.replace(value, f"<redacted:{name}>")
+    text = TOKEN_PATTERNS.sub(REDACTED, text)
+    return KEY_VALUE.sub(lambda match: match.group(1) + REDACTED, text)

@@ -1,0 +1,309 @@
+"""`peftlab sweep`: an Optuna study over the search space a recipe declares (`sweep.space`).
+
+Every trial is an ordinary run folder (runs/<study>/trial-NNN) trained by the ordinary runner with
+the sampled values applied as recipe overrides, so a trial can be inspected, compared and resumed
+like any run. A TrainerCallback reports each validation metric to Optuna; the median pruner stops
+trials that fall behind (their run folder says `pruned`). The study lives in SQLite inside the study
+folder by default, so a sweep can be resumed and extended, or in any SQLAlchemy URL that several
+machines share (Optuna's heartbeat retries a trial whose machine died). `--final` retrains with the
+best parameters and evaluates on the test set.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from peftlab.config import Recipe, SearchParam, with_overrides
+from peftlab.errors import GuardFailure, PeftlabError
+from peftlab.metrics import lower_is_better
+from peftlab.registry import index_run
+from peftlab.report.compare import number
+from peftlab.runner import run_recipe
+from peftlab.runs import RunDir, atomic_write_json, sanitize_name
+from peftlab.watch.console import print_table, say
+
+# The validation metrics a study can optimize, per task (keys of the run summary).
+OBJECTIVES = {
+    "sft": ("eval_loss",),
+    "classify": ("eval_loss", "eval_accuracy", "eval_f1", "eval_f1_weighted"),
+}
+STUDY_DB = "study.db"
+RESULTS_FILE = "sweep.json"
+HEARTBEAT_S = 60  # a RUNNING trial without a heartbeat for GRACE_S is failed and retried once
+GRACE_S = 300
+
+
+@dataclass
+class SweepResult:
+    study: Any  # optuna.Study
+    folder: Path
+    best_run: RunDir | None
+    final_run: RunDir | None
+
+
+def direction(recipe: Recipe) -> str:
+    if recipe.sweep.direction != "auto":
+        return recipe.sweep.direction
+    return "minimize" if lower_is_better(recipe.sweep.metric) else "maximize"
+
+
+def check_sweepable(recipe: Recipe) -> list[str]:
+    """One-line errors for a sweep that cannot work; notes for one that works less well."""
+    s = recipe.sweep
+    valid = OBJECTIVES[recipe.task]
+    if s.metric not in valid:
+        raise PeftlabError(f"sweep.metric '{s.metric}' is not a validation metric of task {recipe.task}; valid: {', '.join(valid)}")
+    if not s.space:
+        raise PeftlabError(
+            "sweep.space is empty; fix: declare the fields to search in the recipe, e.g. "
+            "sweep.space: {train.lr: {type: float, low: 1.0e-5, high: 5.0e-4, log: true}}"
+        )
+    if recipe.data.eval_fraction == 0:
+        raise PeftlabError(f"sweep.metric {s.metric} needs a validation set; fix: set data.eval_fraction > 0")
+    if not recipe.train.eval_steps and s.pruner != "none":
+        return ["train.eval_steps is not set: trials are evaluated only at their end, so none can be pruned"]
+    return []
+
+
+def sample(trial: Any, space: dict[str, SearchParam]) -> dict[str, Any]:
+    """Optuna suggestions for every dimension, keyed by the dotted recipe field they override."""
+    params = {}
+    for key, p in space.items():
+        if p.type == "categorical":
+            params[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+class PruningCallback(TrainerCallback):
+    """Reports each evaluation during training to the trial; stops training when the pruner says so."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        self.training = False
+        self.pruned: tuple[int, float] | None = None  # (step, value) where the pruner stopped the trial
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False  # evaluations after training (final metrics) are not intermediate values
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = number((metrics or {}).get(self.metric))
+        if not self.training or value is None:
+            return
+        self.trial.report(value, step=state.global_step)
+        if self.trial.should_prune():
+            self.pruned = (state.global_step, value)
+            control.should_training_stop = True
+
+
+def storage(url: str | None, folder: Path) -> Any:
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = url or f"sqlite:///{(folder / STUDY_DB).resolve()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    except Exception as exc:  # sqlalchemy: bad URL, missing driver, unreachable server
+        raise PeftlabError(
+            f"--storage: cannot open the study storage ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}); "
+            "fix: pass an SQLAlchemy URL such as sqlite:///study.db or postgresql://user@host/db (with its driver installed)"
+        ) from None
+
+
+def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None, resume: bool,
+               pruner: Any = None) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = storage(storage_url, folder)
+    exists = name in optuna.get_all_study_names(store)
+    if exists and not resume:
+        raise PeftlabError(f"study '{name}' already exists in its storage; fix: pass --resume to extend it, or --study NEW")
+    if resume and not exists:
+        raise PeftlabError(f"--resume: there is no study '{name}' in its storage yet; fix: drop --resume to start it")
+    s = recipe.sweep
+    if pruner is None:
+        pruner = optuna.pruners.NopPruner() if s.pruner == "none" else optuna.pruners.MedianPruner(
+            n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_steps)
+    study = optuna.create_study(storage=store, study_name=name, direction=direction(recipe), pruner=pruner,
+                                load_if_exists=resume)
+    if study.direction.name.lower() != direction(recipe):
+        raise PeftlabError(
+            f"study '{name}' was created to {study.direction.name.lower()}, the recipe now says {direction(recipe)} "
+            f"{s.metric}; fix: use the same sweep.metric/direction, or --study NEW"
+        )
+    # Seeded, but differently per call: a resumed random sampler must not replay the first suggestions.
+    seed = recipe.seed + len(study.trials)
+    study.sampler = (optuna.samplers.RandomSampler(seed=seed) if s.sampler == "random"
+                     else optuna.samplers.TPESampler(seed=seed))
+    study.set_user_attr("recipe", recipe.name)
+    study.set_user_attr("metric", s.metric)
+    return study
+
+
+def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
+    """The recipe with a trial's values; trials never look at the test set (only --final does)."""
+    changes = dict(params)
+    if recipe.task == "classify":
+        changes["data.classify.test"] = None
+    return with_overrides(recipe, changes)
+
+
+def objective(recipe: Recipe, folder: Path, show_progress: bool) -> Any:
+    import optuna
+
+    metric = recipe.sweep.metric
+
+    def run_trial(trial: Any) -> float:
+        params = sample(trial, recipe.sweep.space)
+        name = f"trial-{trial.number:03d}"
+        trial.set_user_attr("run", name)
+        say(f"--- {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
+        pruning = PruningCallback(trial, metric)
+        run = run_recipe(trial_recipe(recipe, params), folder, name, show_progress=show_progress, callbacks=[pruning])
+        sweep_info = {"study": folder.name, "trial": trial.number, "params": params, "objective": metric}
+        if pruning.pruned is not None:
+            step, value = pruning.pruned
+            reason = f"pruned by the median rule at step {step} ({metric} {value:.4g})"
+            run.update_summary(status="pruned", reason=reason, sweep=sweep_info)
+            index_run(run)
+            say(f"{name}: {reason}")
+            raise optuna.TrialPruned(reason)
+        value = number(run.summary().get(metric))
+        run.update_summary(sweep=sweep_info)
+        if value is None:
+            raise GuardFailure(f"{name}: {metric} is {run.summary().get(metric)!r}, not a number; the trial counts as failed")
+        return value
+
+    return run_trial
+
+
+def run_sweep(recipe: Recipe, runs_dir: Path, trials: int | None = None, study_name: str | None = None,
+              storage_url: str | None = None, resume: bool = False, final: bool = False,
+              show_progress: bool = True, pruner: Any = None) -> SweepResult:
+    """Run `trials` more trials of the study, write its table and plots, then (with `final`) retrain
+    the best parameters into a final run evaluated on test."""
+    for note in check_sweepable(recipe):
+        say(f"note: {note}")
+    name = sanitize_name(study_name or recipe.name)
+    folder = Path(runs_dir) / name
+    study = open_study(recipe, name, folder, storage_url, resume, pruner)
+    n = recipe.sweep.trials if trials is None else trials
+    say(f"study '{name}': {n} trial(s), {direction(recipe)} {recipe.sweep.metric}; folder {folder}")
+    # A trial stopped by the health guard (NaN loss at a high lr) is a failed trial, not a failed sweep.
+    study.optimize(objective(recipe, folder, show_progress), n_trials=n, catch=(GuardFailure,))
+    best = best_trial(study)
+    write_results(study, folder, recipe, storage_url)
+    show_trials(study, recipe)
+    best_run = RunDir(folder / best.user_attrs["run"]) if best is not None else None
+    final_run = None
+    if final:
+        if best is None:
+            raise PeftlabError(f"--final: study '{name}' has no completed trial yet; fix: run more trials first")
+        final_run = run_final(recipe, best, folder, show_progress)
+    return SweepResult(study, folder, best_run, final_run)
+
+
+def best_trial(study: Any) -> Any | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial
+        return None
+
+
+def run_final(recipe: Recipe, best: Any, folder: Path, show_progress: bool) -> RunDir:
+    """The best parameters, retrained and evaluated on test; reused when it already completed."""
+    name = f"final-{best.user_attrs['run']}"
+    existing = RunDir(folder / name)
+    if existing.summary().get("status") == "completed":
+        say(f"final run {existing.path} already completed with these parameters; reusing it")
+        return existing
+    say(f"--- final run with the best parameters (trial {best.number}): {best.params}")
+    run = run_recipe(with_overrides(recipe, best.params), folder, name, overwrite=True, show_progress=show_progress)
+    run.update_summary(sweep={"study": folder.name, "final_of_trial": best.number, "params": best.params})
+    return run
+
+
+def write_results(study: Any, folder: Path, recipe: Recipe, storage_url: str | None) -> None:
+    """sweep.json (every trial: state, value, params, run folder, intermediate values) and the plots."""
+    best = best_trial(study)
+    atomic_write_json(folder / RESULTS_FILE, {
+        "study": study.study_name,
+        "storage": storage_url or STUDY_DB,  # a password in the URL is redacted on write
+        "metric": recipe.sweep.metric,
+        "direction": direction(recipe),
+        "space": {k: v.model_dump(exclude_none=True) for k, v in recipe.sweep.space.items()},
+        "best": None if best is None else {"trial": best.number, "value": best.value, "params": best.params,
+                                           "run": best.user_attrs.get("run")},
+        "trials": [{"trial": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+                    "run": t.user_attrs.get("run"), "intermediate": {str(k): v for k, v in t.intermediate_values.items()}}
+                   for t in study.trials],
+    })
+    for note in write_plots(study, folder):
+        say(f"note: {note}")
+
+
+def write_plots(study: Any, folder: Path) -> list[str]:
+    """optimization_history.png, intermediate_values.png, param_importances.png (Optuna's matplotlib plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as oplt
+
+    notes = []
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plots = {"optimization_history": oplt.plot_optimization_history, "intermediate_values": oplt.plot_intermediate_values}
+    if len(completed) >= 2:
+        plots["param_importances"] = oplt.plot_param_importances
+    else:
+        notes.append("param_importances.png needs at least 2 completed trials")
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. all trials agree on every parameter
+                notes.append(f"{name}.png skipped ({exc})")
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(8, 5)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+    return notes
+
+
+def show_trials(study: Any, recipe: Recipe) -> None:
+    keys = list(recipe.sweep.space)
+    best = best_trial(study)
+    rows = []
+    for t in study.trials:
+        value = "n/a" if t.value is None or not math.isfinite(t.value) else f"{t.value:.4f}"
+        params = [_fmt_param(t.params.get(k)) for k in keys]
+        mark = " *" if best is not None and t.number == best.number else ""
+        rows.append([f"{t.number}{mark}", t.state.name.lower(), value, *params, str(t.user_attrs.get("run", ""))])
+    print_table(["trial", "state", recipe.sweep.metric, *keys, "run"], rows, title=f"study {study.study_name} (* = best)")
+
+
+def _fmt_param(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

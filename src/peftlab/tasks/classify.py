@@ -1,0 +1,327 @@
+"""Sequence classification with a decoder LM (DialoGPT on Banking77): LoRA/QLoRA on the HF Trainer.
+
+The model is AutoModelForSequenceClassification with LoRA of task type SEQ_CLS, so peft trains the
+new `score` head in full (modules_to_save) and saves it with the adapter; the label names are saved
+beside it. GPT-2-style models pool the last non-pad token, so pad = eos and the config knows the pad
+id. Guards: the label column at load and the labels of the first batch the model sees (the original
+run lost its `label` column in preprocessing without a word), a trainable head, finite metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from peftlab import metrics, tracking
+from peftlab.config import Recipe
+from peftlab.data.intents import ClassData, build_class_data
+from peftlab.errors import GuardFailure, PeftlabError
+from peftlab.models import adapt, loader
+from peftlab.models.precision import DTYPES, resolve_precision
+from peftlab.reliability import TrainingInterrupted, carried_state, train_resumable
+from peftlab.runs import RunDir, atomic_dir, atomic_write_json
+from peftlab.tasks.common import resolve_optimizer, throughput, trainer_arguments
+from peftlab.watch.console import Progress, print_table, say
+from peftlab.watch.epochs import EpochCallback
+from peftlab.watch.guard import HealthGuard, RunContext
+from peftlab.watch.monitor import BatchCounter, MonitorCallback
+
+LABELS_FILE = "labels.json"  # in adapter/: id2label / label2id, which peft's adapter files do not carry
+REPORT_FILE = "classification_report.json"
+CONFUSION_FILE = "confusion_matrix.png"
+METRIC_NAMES = ("loss", "accuracy", "f1", "f1_weighted")  # reported as eval_* (validation) and test_*
+
+
+@dataclass
+class ClassifySetup:
+    model: Any  # a PeftModelForSequenceClassification
+    tokenizer: Any
+    data: ClassData
+    context: RunContext
+    params: adapt.ParamCount
+    notes: list[str] = field(default_factory=list)
+
+
+class LabelCounter(BatchCounter):
+    """BatchCounter for one label per row: every row of a batch is trained."""
+
+    @staticmethod
+    def trained_in(labels: Any) -> int:
+        return int(labels.numel())
+
+
+class CountingTrainer(Trainer):
+    """Trainer that counts the tokens of every consumed micro-batch (real and padded)."""
+
+    def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counter = counter
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.counter.add(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def build(recipe: Recipe) -> ClassifySetup:
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    model_type = loader.load_model_config(recipe.model).model_type
+    precision = resolve_precision(recipe.train.precision, model_type)
+    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    tokenizer = loader.load_tokenizer(recipe.model)  # pad = eos when the model has no pad token
+    data = build_class_data(recipe.data, tokenizer, recipe.seed)
+    if data.eval is None and (recipe.train.eval_steps or recipe.train.best_metric):
+        raise PeftlabError("train.eval_steps / train.best_metric need a validation set, and data.eval_fraction is 0; "
+                           "fix: set data.eval_fraction > 0, or train.eval_steps=null and train.best_metric=null")
+    model, notes = _load_adapted_model(recipe, DTYPES[precision], attn, data.labels, tokenizer.pad_token_id)
+    if recipe.model.source.startswith("preset:"):
+        notes.append(loader.presets.tokenizer_note(recipe.model.source.removeprefix("preset:")))
+    notes += _speed_notes(recipe)
+    context = RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name)
+    return ClassifySetup(model, tokenizer, data, context, adapt.count_params(model), notes)
+
+
+def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str, labels: list[str],
+                        pad_token_id: int) -> tuple[Any, list[str]]:
+    quant = None
+    if recipe.method.name == "qlora":
+        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype)
+    model = loader.load_sequence_classifier(recipe.model, dtype, attn, labels, pad_token_id, quant)
+    notes = []
+    if quant is not None:
+        notes += adapt.prepare_kbit(model, recipe.method.quant.kbit_prep, recipe.train.gradient_checkpointing)
+    model = adapt.apply_lora(model, recipe.method.lora, task_type="SEQ_CLS")
+    head = trainable_head(model)
+    # Mixed precision keeps fp32 master weights: an fp16 trainable tensor fails in the GradScaler
+    # ("Attempting to unscale FP16 gradients"). peft upcasts the LoRA matrices; the head copy too, here.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    notes.append(f"classification head {', '.join(head)}: new ({len(labels)} labels), trained in full, saved with the adapter")
+    return model, notes
+
+
+def trainable_head(model: Any) -> list[str]:
+    """Names of the trainable head modules; a frozen random head would make every run useless."""
+    names = sorted({n.split(".modules_to_save.")[0].rsplit(".", 1)[-1]
+                    for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n})
+    if not names:
+        raise PeftlabError(
+            "the classification head is not trainable (no modules_to_save parameter requires grad): the model's head "
+            "is not named 'score' or 'classifier'; fix: use a model with a standard sequence-classification head"
+        )
+    return names
+
+
+def _speed_notes(recipe: Recipe) -> list[str]:
+    notes = []
+    _, note = resolve_optimizer(recipe.train.optimizer)
+    if note:
+        notes.append(note)
+    if recipe.train.gradient_checkpointing:
+        why = " (peft's k-bit prep turns it on by default)" if recipe.method.name == "qlora" else ""
+        notes.append(f"gradient checkpointing on{why}: less activation memory, ~30% slower steps; "
+                     "a 355M model rarely needs it: --set train.gradient_checkpointing=false")
+    return notes
+
+
+def collator(recipe: Recipe, tokenizer: Any) -> DataCollatorWithPadding:
+    if recipe.data.classify.padding == "max_length":  # the original: every query padded to max_length
+        return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=recipe.data.max_length)
+    # A multiple of 8: tensor-core friendly, and few distinct shapes (each new one costs kernel set-up time)
+    return DataCollatorWithPadding(tokenizer, padding="longest", pad_to_multiple_of=8)
+
+
+def check_labels_reach_model(trainer: Trainer, num_labels: int) -> None:
+    """The Trainer drops dataset columns the model's forward does not name, at INFO level only: look at
+    the first batch the model would see."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    if "labels" not in batch:
+        raise PeftlabError(
+            f"the training batches reach the model without labels (batch keys: {', '.join(sorted(batch))}): "
+            "preprocessing dropped them; fix: check data.columns.label and that the model's forward takes `labels`"
+        )
+    labels = batch["labels"]
+    if labels.dim() != 1 or int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+        raise PeftlabError(
+            f"the first training batch has labels {labels.tolist()[:8]}, not class ids in 0..{num_labels - 1}; "
+            "fix: check data.columns.label"
+        )
+
+
+def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
+          callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+    """Build, train (or continue from `resume_from`), keep the best checkpoint by train.best_metric,
+    save the adapter, evaluate on validation and test; returns the summary fields."""
+    setup = build(recipe)
+    track = tracking.plan(recipe.tracking, run)
+    if track.note:
+        setup.notes.append(track.note)
+    _announce(recipe, setup)
+    run.update_summary(data=setup.data.stats.as_dict(), labels=setup.data.labels, precision=setup.context.precision,
+                       attn_implementation=setup.context.attn_implementation, notes=setup.notes,
+                       f1_definition=metrics.F1_DEFINITION)
+    carried = carried_state(resume_from)
+    counter = LabelCounter(**carried.get("counter", {}))
+    guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
+    epochs = EpochCallback(run, counter)
+    trainer = CountingTrainer(
+        model=setup.model,
+        args=TrainingArguments(**trainer_arguments(recipe, run, setup.context.precision, track.report_to)),
+        train_dataset=setup.data.train,
+        eval_dataset=setup.data.eval,
+        processing_class=setup.tokenizer,
+        data_collator=collator(recipe, setup.tokenizer),
+        compute_metrics=metrics.compute_metrics,
+        counter=counter,
+        callbacks=[MonitorCallback(run, counter, guard, Progress("train", show_progress)), epochs, *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
+    check_labels_reach_model(trainer, len(setup.data.labels))
+    start = time.perf_counter() - carried.get("runtime_s", 0.0)
+    with tracking.environment(track):
+        try:
+            result = train_resumable(trainer, recipe.train, resume_from,
+                                     carry=lambda: {"counter": dict(vars(counter)), "runtime_s": time.perf_counter() - start})
+        except TrainingInterrupted:
+            save_adapter(run, setup)
+            raise
+        summary = throughput(trainer, counter, time.perf_counter() - start, result.training_loss)
+        summary.update(epochs.peak_memory())
+        if trainer.state.best_model_checkpoint:
+            summary.update(best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric)
+        save_adapter(run, setup)
+        summary.update(evaluate(trainer, setup, run))
+    _show_results(summary)
+    return summary
+
+
+def save_adapter(run: RunDir, setup: ClassifySetup) -> None:
+    """adapter/ (LoRA + head safetensors, tokenizer, label names), swapped in whole."""
+    labels = setup.data.labels
+    with atomic_dir(run.adapter_path) as folder:
+        setup.model.save_pretrained(folder)
+        setup.tokenizer.save_pretrained(folder)
+        atomic_write_json(folder / LABELS_FILE, {"id2label": dict(enumerate(labels)),
+                                                 "label2id": {name: i for i, name in enumerate(labels)}})
+
+
+def evaluate(trainer: Trainer, setup: ClassifySetup, run: RunDir) -> dict[str, Any]:
+    """Validation metrics (eval_*) and test metrics (test_*), the per-class report and the confusion
+    matrix of the test set (of validation when there is no test set). NaN anywhere is a failure."""
+    results: dict[str, Any] = {}
+    detailed = None
+    for prefix, dataset in (("eval", setup.data.eval), ("test", setup.data.test)):
+        if dataset is None:
+            continue
+        prediction = trainer.predict(dataset, metric_key_prefix=prefix)
+        results.update({f"{prefix}_{name}": prediction.metrics.get(f"{prefix}_{name}") for name in METRIC_NAMES})
+        detailed = (prefix, prediction)
+    _require_finite(results, setup.context)
+    if detailed is not None:
+        prefix, prediction = detailed
+        predicted = metrics.predicted_classes(prediction.predictions)
+        names = setup.data.labels
+        atomic_write_json(run.path / REPORT_FILE, {"split": prefix, "f1_definition": metrics.F1_DEFINITION,
+                                                   **metrics.per_class_report(prediction.label_ids, predicted, names)})
+        metrics.plot_confusion_matrix(prediction.label_ids, predicted, names, run.path / CONFUSION_FILE,
+                                      f"{run.name}: {prefix} set, accuracy {results[f'{prefix}_accuracy']:.3f}")
+    return results
+
+
+def _require_finite(results: dict[str, Any], context: RunContext) -> None:
+    for key, value in results.items():
+        if value is None or not math.isfinite(value):
+            problem = f"{key} is {value} after training"
+            raise GuardFailure(f"{problem}; {HealthGuard(context).diagnosis(problem)}")
+
+
+def _announce(recipe: Recipe, setup: ClassifySetup) -> None:
+    s = setup.data.stats
+    say(f"model {loader.describe_source(recipe.model)} | {recipe.method.name} | {setup.context.precision} | "
+        f"attention {setup.context.attn_implementation}")
+    say(str(setup.params))
+    for note in setup.notes:
+        say(f"note: {note}")
+    say(f"data: {s.num_labels} labels, {s.train_rows} train / {s.eval_rows} validation / {s.test_rows} test rows "
+        f"({s.train_per_class_min}-{s.train_per_class_max} train rows per class), {s.tokens_mean:.0f} tokens mean, "
+        f"{100 * s.truncation_rate:.1f}% truncated at {recipe.data.max_length}, padding {recipe.data.classify.padding}")
+
+
+def _show_results(summary: dict[str, Any]) -> None:
+    rows = []
+    for prefix, title in (("eval", "validation"), ("test", "test")):
+        if f"{prefix}_accuracy" in summary:
+            rows.append([title] + [f"{summary[f'{prefix}_{name}']:.4f}" for name in ("accuracy", "f1", "f1_weighted", "loss")])
+    if rows:
+        print_table(["split", "accuracy", "f1 (macro)", "f1 weighted", "loss"], rows, title="classification")
+
+
+def doctor(recipe: Recipe) -> list[str]:
+    """`peftlab doctor` for a classify recipe: labels and lengths, the first batch exactly as the Trainer hands it
+    to the model, one forward + backward."""
+    import tempfile
+
+    from peftlab.doctor import Checkup
+
+    setup = build(recipe)
+    _announce(recipe, setup)
+    s, up, labels = setup.data.stats, Checkup(), setup.data.labels
+    say(f"labels in id order: {', '.join(labels[:6])}" + (f", ... ({len(labels)} in all)" if len(labels) > 6 else ""))
+    up.check(s.truncation_rate < 0.05, f"{100 * s.truncation_rate:.1f}% of train rows truncated at {recipe.data.max_length}",
+             f"{100 * s.truncation_rate:.1f}% of train rows are cut at data.max_length={recipe.data.max_length}: raise it")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(**trainer_arguments(recipe, RunDir(Path(tmp)), setup.context.precision))
+        trainer = Trainer(model=setup.model, args=args, train_dataset=setup.data.train, eval_dataset=setup.data.eval,
+                          data_collator=collator(recipe, setup.tokenizer))
+        try:
+            check_labels_reach_model(trainer, len(labels))
+            up.check(True, "the first training batch carries class ids in range to the model", "")
+        except PeftlabError as exc:
+            up.check(False, "", str(exc))
+            return up.problems
+        batch = next(iter(trainer.get_train_dataloader()))
+    setup.model.train()
+    loss = setup.model(**batch).loss
+    loss.backward()
+    grads = all(torch.isfinite(p.grad).all() for p in setup.model.parameters() if p.grad is not None)
+    up.check(math.isfinite(loss.item()), f"forward: loss {loss.item():.4f} is finite (chance level: "
+             f"{math.log(len(labels)):.2f})", f"forward: loss {loss.item()} is not finite (precision: see the guard's causes)")
+    up.check(grads, "backward: LoRA and head gradients finite", "backward: non-finite gradients")
+    return up.problems
+
+
+def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]]:
+    """Base model + saved adapter (LoRA and head) + tokenizer + label names, as a run saved them."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    saved = json.loads((run.adapter_path / LABELS_FILE).read_text(encoding="utf-8"))
+    labels = [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))]
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
+    model_type = loader.load_model_config(recipe.model).model_type
+    precision = resolve_precision(recipe.train.precision, model_type)
+    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    base = loader.load_sequence_classifier(recipe.model, DTYPES[precision], attn, labels, tokenizer.pad_token_id)
+    loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
+    return PeftModel.from_pretrained(base, run.adapter_path), tokenizer, labels
+
+
+@torch.no_grad()
+def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max_length: int) -> list[tuple[str, float]]:
+    """(label, probability) per text."""
+    model.eval()
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(model.device)
+    probs = torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy()
+    best = np.argmax(probs, axis=-1)
+    return [(labels[i], float(probs[row, i])) for row, i in enumerate(best)]

@@ -1,0 +1,103 @@
+"""Recipes: defaults resolved, overrides typed, and every bad recipe a one-line error naming the key and a fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from peftlab.config import builtin_recipes, load_recipe, validate_recipe, with_overrides
+from peftlab.errors import PeftlabError
+
+
+def test_builtin_recipes_hold_the_original_experiment():
+    assert {"gemma2-dolly", "tiny-gemma2-dolly"} <= set(builtin_recipes())
+    r = load_recipe("gemma2-dolly")
+    assert (r.model.source, r.data.max_length, r.train.epochs, r.train.batch_size, r.train.grad_accum) == (
+        "google/gemma-2-2b", 768, 1.5, 1, 8)
+    assert (r.train.lr, r.train.scheduler, r.method.lora.r, r.method.lora.alpha, r.method.lora.dropout) == (
+        2e-4, "cosine", 16, 32, 0.05)
+    assert r.method.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert r.train.gradient_checkpointing and r.data.eval_fraction == 0.01
+
+
+def test_resolved_recipe_round_trips_with_every_default(tmp_path):
+    recipe = load_recipe("tiny-gemma2-dolly", ["train.lr=1e-4", "method.name=qlora"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe.to_yaml())
+    saved = yaml.safe_load(path.read_text())
+    assert saved["method"]["quant"]["type"] == "nf4"  # a default the YAML file never mentions
+    again = load_recipe(str(path))
+    assert again == recipe and again.config_hash() == recipe.config_hash()
+
+
+def test_overrides_are_parsed_and_typed():
+    recipe = load_recipe("tiny-gemma2-dolly", ["train.lr=1e-4", "train.max_steps=7", "method.lora.target_modules=[q_proj]",
+                                               "eval.prompts=[\"Hi: there?\"]"])
+    assert recipe.train.lr == 1e-4 and isinstance(recipe.train.lr, float)
+    assert recipe.train.max_steps == 7
+    assert recipe.method.lora.target_modules == ["q_proj"]
+    assert recipe.eval.prompts == ["Hi: there?"]
+    assert with_overrides(recipe, {"train.max_steps": None}).train.max_steps is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1e-4", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    ("method.lora.rank=8", "unknown key 'method.lora.rank'; did you mean 'method.lora.r'?"),
+    ("trian.lr=1e-4", "unknown key 'trian'; did you mean 'train'?"),
+    ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
+    ("train.max_steps=1.5", "train.max_steps: Input should be a valid integer"),
+    ("method.name=qlor", "method.name: Input should be 'lora' or 'qlora'"),
+    ("train.lr=0", "train.lr: Input should be greater than 0"),
+    ("train.lr=-1e-4", "train.lr: Input should be greater than 0"),
+    ("method.lora.r=0", "method.lora.r: Input should be greater than 0"),
+    ("method.lora.dropout=1.0", "method.lora.dropout: Input should be less than 1"),
+    ("method.lora.dropout=-0.1", "method.lora.dropout: Input should be greater than or equal to 0"),
+    ("train.epochs=0", "train.epochs: Input should be greater than 0"),
+    ("data.max_length=0", "data.max_length: Input should be greater than 0"),
+    ("train.lr", "--set 'train.lr': expected KEY=VALUE"),
+    ("train.lr.x=1", "--set 'train.lr.x=1': 'lr' is a value, not a section"),
+])
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(PeftlabError) as info:
+        load_recipe("tiny-gemma2-dolly", [override])
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrain:\n  lr: 1.0e-4\n   batch_size: 2\n")
+    with pytest.raises(PeftlabError, match=r"bad\.yaml: malformed YAML at line 4"):
+        load_recipe(str(path))
+
+
+def test_unknown_recipe_and_non_mapping(tmp_path):
+    with pytest.raises(PeftlabError, match="did you mean 'tiny-gemma2-dolly'"):
+        load_recipe("tiny-gemma2-doly")
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(PeftlabError, match="a recipe must be a YAML mapping, found list"):
+        load_recipe(str(path))
+    with pytest.raises(PeftlabError, match="data.template must contain"):
+        validate_recipe({"data": {"template": "no placeholder"}})
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "train.lrr=1e-4"], "did you mean 'train.lr'?"),
+    (["--set", "method.lora.dropout=1.5"], "method.lora.dropout"),
+    (["--set", "train.lr"], "expected KEY=VALUE"),
+    (["BAD_YAML"], "malformed YAML at line 3"),
+])
+def test_cli_bad_recipe_is_one_error_line_exit_2(args, expected, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n lr: 1\n  x: 2\n")
+    recipe = [str(bad)] if args == ["BAD_YAML"] else ["tiny-gemma2-dolly", *args]
+    proc = subprocess.run([sys.executable, "-m", "peftlab", "train", *recipe, "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=120)
+    output = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert len(output) == 1 and output[0].startswith("error: ") and expected in output[0], output
+    assert not (tmp_path / "runs").exists()  # nothing was started
