@@ -4,8 +4,8 @@ Same workload as ../shared/bench-hf/seqcls_gpt2.py (the plain Hugging Face refer
 microsoft/DialoGPT-medium architecture (GPT-2, 24 x 1024, 355M) with random weights, the real Banking77
 training queries tokenized with GPT-2's BPE (median 11, mean 13.8 tokens), 77 labels, and the original
 settings of the recipe: batch 16, every query padded to 128, fp16, LoRA r16/alpha32/dropout 0.1 on
-c_attn,c_proj with the `score` head trained; QLoRA = nf4 + double quant, fp16 compute, peft's k-bit prep
-with gradient checkpointing, paged 8-bit AdamW. One difference from the reference: peftlab loads the
+c_attn,c_proj with the `score` head trained, paged 8-bit AdamW, no gradient checkpointing; QLoRA = nf4 + double
+quant, fp16 compute, peft's k-bit prep, which turned gradient checkpointing on. One difference from the reference: peftlab loads the
 frozen weights in the compute dtype (fp16) instead of fp32 under fp16 autocast.
 
 Throughput is measured from metrics.jsonl (one record per optimizer step) after `--warmup` steps:
@@ -46,6 +46,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return [
         *(tiny if args.tiny else ["model.source=preset:dialogpt-medium"]),
         f"method.name={args.method}",
+        # In the original, gradient checkpointing came from peft's k-bit prep, i.e. with QLoRA only (as in bench-hf B1)
+        *(["train.gradient_checkpointing=false"] if args.method == "lora" else []),
         f"train.max_steps={args.warmup + args.steps}",
         "train.logging_steps=1",
         "train.eval_steps=null",

@@ -20,6 +20,7 @@ from peftlab.tasks import diffusion
 FAST = {
     "data.max_samples": 8,
     "train.max_steps": 3,
+    "train.lr": 5e-3,  # a clearly visible adapter after 3 steps
     "train.logging_steps": 1,
     "eval.prompts": ["a village church at dusk"],
     "diffusion.sample_seeds": [0, 1],
@@ -90,9 +91,10 @@ def test_adapter_loads_into_stock_pipeline_and_reproduces_the_run(matrix_runs):
     pipeline.unload_lora_weights()
     base = [np.asarray(img, dtype=np.float32) for img in diffusion.render(pipeline, recipe, prompt, seeds)]
     for row, (with_lora, without) in enumerate(zip(adapted, base, strict=True)):
-        assert np.abs(with_lora - np.asarray(grid.cells[row][1], dtype=np.float32)).mean() < 1.0
-        assert np.abs(without - np.asarray(grid.cells[row][0], dtype=np.float32)).mean() < 1.0
-        assert np.abs(with_lora - without).mean() > 1.0  # the adapter changes the output
+        # < 0.3 of 255: PNG rounding; the LoRA scale alpha/r = 2 restored (at scale 1 the gap is several units)
+        assert np.abs(with_lora - np.asarray(grid.cells[row][1], dtype=np.float32)).mean() < 0.3
+        assert np.abs(without - np.asarray(grid.cells[row][0], dtype=np.float32)).mean() < 0.3
+        assert np.abs(with_lora - without).mean() > 2.0  # the adapter changes the output
 
 
 def test_generate_cli_writes_pngs_and_prints_their_paths(matrix_runs, cli):
@@ -203,3 +205,14 @@ def test_doctor_checks_a_diffusion_recipe(cli):
     assert code == 0, lines[-3:]
     assert any(line.startswith("ok") and "all LoRA" in line for line in lines)
     assert any("forward: loss" in line for line in lines)
+
+
+def test_health_guard_stops_a_diverging_run(tmp_path):
+    from peftlab.errors import GuardFailure
+    from peftlab.runner import run_recipe
+
+    with pytest.raises(GuardFailure, match="loss is nan.*train.lr"):
+        run_recipe(tiny({"train.lr": 1e6, "train.max_steps": 6, "eval.prompts": []}), tmp_path, "boom", show_progress=False)
+    summary = json.loads((tmp_path / "boom" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == "health guard"
+    assert not (tmp_path / "boom" / "adapter").exists()  # a diverged adapter is not saved

@@ -7,16 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
 
 from peftlab.config import load_recipe
 from peftlab.errors import PeftlabError
-from peftlab.reliability import TrainingInterrupted, latest_complete, plan_resume
-from peftlab.runner import INTERRUPTED_EXIT, resume_run, run_recipe
+from peftlab.reliability import latest_complete, plan_resume, terminate_as_interrupt
+from peftlab.reliability.interrupt import StopRequest, on_stop_signals
+from peftlab.runner import INTERRUPTED_EXIT, run_recipe
 from peftlab.runs import RunDir
 
 # grad_accum 2 (the Trainer skips batches to restore the data order), LoRA dropout on (RNG state),
@@ -25,15 +24,23 @@ RESUMABLE = {"train.max_steps": 6, "train.logging_steps": 1, "train.grad_accum":
              "eval.compare_base": False}
 
 
-class SignalAt(TrainerCallback):
-    """Sends a real signal to this process at the end of step `step`, as Ctrl-C or `kill` would."""
+def as_sets(changes: dict) -> list[str]:
+    return [arg for key, value in changes.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 
-    def __init__(self, step: int, sig: signal.Signals = signal.SIGINT) -> None:
-        self.step, self.sig = step, sig
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.sig)
+def signal_during_step(monkeypatch: pytest.MonkeyPatch, step: int, sig: signal.Signals) -> None:
+    """Sends one real signal to this process in the middle of training step `step`, as Ctrl-C or `kill` would."""
+    from peftlab.tasks.sft import CountingSFTTrainer
+
+    original, sent = CountingSFTTrainer.training_step, []
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == step - 1 and not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), sig)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CountingSFTTrainer, "training_step", training_step)
 
 
 def train_records(run: RunDir) -> dict[int, dict]:
@@ -43,21 +50,26 @@ def train_records(run: RunDir) -> dict[int, dict]:
     return {r["step"]: r for r in records}
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_recipe, runs_dir):
-    recipe = tiny_recipe(RESUMABLE)
-    straight = run_recipe(recipe, runs_dir, "straight", show_progress=False)
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_recipe, runs_dir, fast_sets, cli, monkeypatch):
+    straight = run_recipe(tiny_recipe(RESUMABLE), runs_dir, "straight", show_progress=False)
+    handler = signal.getsignal(signal.SIGTERM)
 
-    with pytest.raises(TrainingInterrupted) as stopped:
-        run_recipe(recipe, runs_dir, "stopped", show_progress=False, callbacks=[SignalAt(2, signal.SIGINT)])
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, 2, signal.SIGTERM)
+        code, lines = cli("train", "tiny-gemma2-dolly", *fast_sets, *as_sets(RESUMABLE), "--runs-dir", str(runs_dir),
+                          "--name", "stopped")
+    assert code == INTERRUPTED_EXIT and "continue with: peftlab train --resume" in lines[-1], lines[-3:]
     run = RunDir(runs_dir / "stopped")
     summary = run.summary()
-    assert summary["status"] == "interrupted" and "SIGINT" in summary["reason"]
-    assert stopped.value.step == 2 and latest_complete(run.checkpoints_path).name == "checkpoint-2"
+    assert summary["config_hash"] == straight.summary()["config_hash"]
+    assert summary["status"] == "interrupted" and "SIGTERM at step 2" in summary["reason"]
+    assert Path(summary["checkpoint"]) == latest_complete(run.checkpoints_path) == run.checkpoints_path / "checkpoint-2"
     assert (run.adapter_path / "adapter_model.safetensors").is_file()
     assert sorted(train_records(run)) == [1, 2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is handler  # handlers restored
 
-    resume_run("stopped", runs_dir, show_progress=False)
+    code, lines = cli("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
+    assert code == 0, lines[-3:]
     expected, resumed = train_records(straight), train_records(run)
     assert sorted(resumed) == sorted(expected) == list(range(1, 7))
     # stopped mid-epoch (the Trainer skips the consumed batches) and the resumed part crossed an epoch
@@ -73,31 +85,18 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_recipe, runs_di
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
 
 
-def test_sigterm_through_the_cli_exits_130_then_resume_completes(tiny_recipe, runs_dir, fast_sets, cli):
-    sets = [*fast_sets, "--set", "train.max_steps=12", "--set", "train.logging_steps=1"]
-    command = [sys.executable, "-m", "peftlab", "train", "tiny-gemma2-dolly", *sets, "--runs-dir", str(runs_dir),
-               "--name", "t"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = runs_dir / "t" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=180)
-    assert proc.returncode == INTERRUPTED_EXIT, output[-2000:]
-    assert "Traceback" not in output and "--resume" in output
-
-    run = RunDir(runs_dir / "t")
-    summary = run.summary()
-    assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
-    stopped_at = latest_complete(run.checkpoints_path)
-    assert stopped_at is not None and Path(summary["checkpoint"]) == stopped_at
-
-    code, lines = cli("train", "--resume", "t", "--runs-dir", str(runs_dir))
-    assert code == 0, lines[-3:]
-    done = run.summary()
-    assert done["status"] == "completed" and done["steps"] == 12
-    assert sorted(train_records(run)) == list(range(1, 13))
+def test_signal_handling_is_a_flag_then_a_hard_stop():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    request = StopRequest()
+    with on_stop_signals(request.handle):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.signal_name == "SIGINT"  # first signal: a flag, training goes on to the step end
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # second signal: out now
+    assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)  # outside the training loop SIGTERM is Ctrl-C: summary `interrupted`
+    assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_recipe, runs_dir, cli):
@@ -112,7 +111,7 @@ def test_resume_refuses_what_it_cannot_continue(tiny_recipe, runs_dir, cli):
     checkpoint.mkdir(parents=True)
     with pytest.raises(PeftlabError, match="no complete checkpoint"):  # no trainer_state.json: cut short
         plan_resume("r", runs_dir)
-    assert not checkpoint.exists()  # the debris is cleared so that the step can be saved again
+    assert checkpoint.exists()  # nothing to resume from: nothing is deleted either
     run.update_summary(status="completed")
     with pytest.raises(PeftlabError, match="already completed"):
         plan_resume("r", runs_dir)

@@ -243,12 +243,12 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
              steps: Annotated[int | None, typer.Option(help="diffusion: denoising steps (default: the recipe's)")] = None,
              runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     """Generate with a run's saved adapter (text; for diffusion runs, PNG files whose paths are printed)."""
+    quiet_libraries()  # before the imports below: trl imports bitsandbytes, which logs at import
     from peftlab.config import load_recipe
     from peftlab.runs import open_run
     from peftlab.tasks.sft import generate as generate_text
     from peftlab.tasks.sft import load_for_inference
 
-    quiet_libraries()
     folder = open_run(run, runs_dir)
     recipe = load_recipe(str(folder.config_path))
     if not folder.adapter_path.exists():

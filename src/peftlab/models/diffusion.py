@@ -108,7 +108,8 @@ def clip_like_tokenizer(name: str) -> Any:
 def preset_folder(source: str) -> Path:
     """The preset as a diffusers folder in fp32 (like the published checkpoint), written once and reused."""
     preset = get_preset(source)
-    folder = presets.cache_root() / "presets" / f"{preset.name}-{presets.config_digest(preset.unet, preset.vae, preset.text, preset.tokenizer, SD15_SCHEDULER)}-seed{presets.PRESET_SEED}"
+    digest = presets.config_digest(preset.unet, preset.vae, preset.text, preset.tokenizer, SD15_SCHEDULER)
+    folder = presets.cache_root() / "presets" / f"{preset.name}-{digest}-seed{presets.PRESET_SEED}"
     return presets.build_once(folder, lambda tmp: _write_preset(preset, tmp), marker="model_index.json")
 
 
@@ -173,7 +174,6 @@ class SdParts:
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
-    location: str
     notes: list[str] = field(default_factory=list)
 
 
@@ -199,7 +199,7 @@ def load_parts(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quant
     if quant is None:
         unet.to(device)
     notes = [tokenizer_note(cfg.source)] if cfg.source.startswith("preset:") else []
-    return SdParts(unet, vae, text_encoder, tokenizer, noise_scheduler, where, notes)
+    return SdParts(unet, vae, text_encoder, tokenizer, noise_scheduler, notes)
 
 
 def unet_quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) -> Any:

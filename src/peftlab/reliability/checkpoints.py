@@ -88,14 +88,15 @@ def discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def discard_incomplete(folder: Path) -> list[str]:
-    """Delete checkpoints a crash left unfinished (and old trash); returns what was removed and why."""
+def discard_incomplete(folder: Path, after: Path) -> list[str]:
+    """Delete the unfinished checkpoints a crash left after the checkpoint `after` (the resumed run
+    saves those steps again) and old trash; returns what was removed and why."""
     removed = []
-    for trash in folder.glob(TRASH_PREFIX + "*") if folder.is_dir() else []:
+    for trash in folder.glob(TRASH_PREFIX + "*"):
         shutil.rmtree(trash, ignore_errors=True)
     for checkpoint in checkpoints(folder):
         why = problem(checkpoint)
-        if why is not None:
+        if why is not None and step_of(checkpoint) > step_of(after):
             discard(checkpoint)
             removed.append(f"{checkpoint.name} ({why})")
     return removed

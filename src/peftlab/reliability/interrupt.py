@@ -33,7 +33,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _handlers(handler: Callable[[int, Any], None]) -> Iterator[None]:
+def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """Install `handler` for SIGINT and SIGTERM, restore the previous ones on exit (main thread only:
     Python delivers signals there, and signal.signal() refuses other threads)."""
     if threading.current_thread() is not threading.main_thread():
@@ -53,7 +53,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """SIGTERM behaves like Ctrl-C (KeyboardInterrupt), so a killed job still records `interrupted`."""
-    return _handlers(_raise_interrupt)
+    return on_stop_signals(_raise_interrupt)
 
 
 class StopRequest:
@@ -88,7 +88,7 @@ def train_resumable(trainer: Any, train: TrainConfig, resume_from: Path | None =
     request = StopRequest()
     for callback in (StopCallback(request), RetentionCallback(train.save_total_limit), CarryState(carry)):
         trainer.add_callback(callback)
-    with _handlers(request.handle):
+    with on_stop_signals(request.handle):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     step = trainer.state.global_step
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"

@@ -42,15 +42,14 @@ def plan_resume(ref: str, runs_dir: Path, recipe: Recipe | None = None) -> Resum
     if recipe is not None:
         _check_same_recipe(recipe, run)
     _check_resumable(run)
-    removed = discard_incomplete(run.checkpoints_path)
-    for item in removed:
-        say(f"resume: removed incomplete checkpoint {item}")
     checkpoint = latest_complete(run.checkpoints_path)
     if checkpoint is None:
         raise PeftlabError(
             f"run '{run.path}' has no complete checkpoint in {run.checkpoints_path.name}/ to resume from; fix: start "
             "it again with --overwrite (and set train.save_steps so that long runs checkpoint as they go)"
         )
+    for item in discard_incomplete(run.checkpoints_path, after=checkpoint):
+        say(f"resume: removed incomplete checkpoint {item}")
     plan = ResumePlan(run, recipe or saved, checkpoint)
     trim_metrics(run, plan.step)
     return plan

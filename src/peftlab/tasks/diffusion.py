@@ -485,6 +485,9 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> Any:
         raise PeftlabError(f"run '{run.path}': its adapter does not load into {recipe.model.source} ({first}); fix: "
                            "the base model changed since training (preset definition or model.revision): retrain, "
                            "or point model.source in config.yaml at the base it was trained on") from None
+    # The injected LoRA layers are new modules in training mode (diffusers 0.42): without this, LoRA dropout
+    # stays on and every image is drawn with a random mask.
+    pipeline.unet.eval()
     return pipeline
 
 
