@@ -145,7 +145,7 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="None = evaluate at the end only")
     save_steps: int | None = Field(None, gt=0)
-    save_total_limit: int = Field(2, gt=0)
+    save_total_limit: int = Field(2, gt=0, description="keep the newest N complete checkpoints, plus the best by best_metric")
     best_metric: str | None = Field(
         None, description="keep and reload the checkpoint with the best value of this eval metric, e.g. eval_f1"
     )

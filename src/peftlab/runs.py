@@ -150,8 +150,10 @@ class RunDir:
         path = Path(runs_dir) / sanitize_name(name)
         if path.exists() and any(path.iterdir()):
             if not overwrite:
+                status = cls(path).summary().get("status", "unknown")
+                resume = "" if status == "completed" else f"--resume {path.name} to continue it, "
                 raise PeftlabError(
-                    f"run folder '{path}' already holds a run; fix: --resume {path.name} to continue it, "
+                    f"run folder '{path}' already holds a run (status {status}); fix: {resume}"
                     "--overwrite to replace it, or --name NEW"
                 )
             shutil.rmtree(path)
