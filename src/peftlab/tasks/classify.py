@@ -56,7 +56,7 @@ class LabelCounter(BatchCounter):
 
     @staticmethod
     def trained_in(labels: Any) -> int:
-        return int(labels.numel())
+        return labels.numel()
 
 
 class CountingTrainer(Trainer):
@@ -192,7 +192,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     with tracking.environment(track):
         try:
             result = train_resumable(trainer, recipe.train, resume_from,
-                                     carry=lambda: {"counter": dict(vars(counter)), "runtime_s": time.perf_counter() - start})
+                                     carry=lambda: {"counter": counter.as_dict(), "runtime_s": time.perf_counter() - start})
         except TrainingInterrupted:
             save_adapter(run, setup)
             raise

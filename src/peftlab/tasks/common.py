@@ -69,6 +69,7 @@ def trainer_arguments(recipe: Recipe, run: RunDir, precision: str, report_to: li
 
 def throughput(trainer: Any, counter: BatchCounter, runtime: float, train_loss: float) -> dict[str, Any]:
     """Summary fields of a finished training loop, from the batches it consumed."""
+    counter = counter.snapshot()
     history = [h for h in trainer.state.log_history if "loss" in h]
     steps = trainer.state.global_step
     return {

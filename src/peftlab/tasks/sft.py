@@ -75,9 +75,19 @@ class CountingSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.counter = counter
+        self.data_collator = self._refusing_all_masked(self.data_collator)
+
+    def _refusing_all_masked(self, collate: Any) -> Any:
+        # Checked on the CPU batch, before it reaches the device: no host sync per micro-batch.
+        def collate_checked(features: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(features)
+            check_batch_labels(int(BatchCounter.trained_in(batch["labels"])), self.state.global_step)
+            return batch
+
+        return collate_checked
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        check_batch_labels(self.counter.add(inputs), self.state.global_step)
+        self.counter.add(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
 
@@ -119,7 +129,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     start = time.perf_counter() - carried.get("runtime_s", 0.0)
     try:
         result = train_resumable(trainer, recipe.train, resume_from,
-                                 carry=lambda: {"counter": dict(vars(counter)), "runtime_s": time.perf_counter() - start})
+                                 carry=lambda: {"counter": counter.as_dict(), "runtime_s": time.perf_counter() - start})
     except TrainingInterrupted:
         save_adapter(run, setup)
         raise
