@@ -55,12 +55,19 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
           overwrite: Annotated[bool, typer.Option(help="replace an existing run folder of that name")] = False,
           resume: Annotated[str | None, typer.Option(help="continue this run (folder or name) from its last checkpoint")] = None,
           baseline: Annotated[str | None, typer.Option(
-              help="then compare with this run, JSON file of metrics, or shipped reference (dialogpt-banking77-original)")] = None) -> None:
+              help="then compare with this run, JSON file of metrics, or shipped reference (dialogpt-banking77-original)")] = None,
+          gpus: Annotated[int, typer.Option(min=1, help="data-parallel processes, one per GPU (CPU-only: gloo processes)")] = 1,
+          strategy: Annotated[str, typer.Option(help="with --gpus > 1: ddp | fsdp | zero2 | zero3")] = "ddp") -> None:
     """Train a recipe into a run folder, or --resume a stopped one. Ctrl-C / SIGTERM save a checkpoint (exit 130)."""
     from peftlab.config import load_recipe
-    from peftlab.runner import resume_run, run_recipe
+    from peftlab.distributed import ranks
+    from peftlab.runner import default_run_name, resume_run, run_recipe
 
     quiet_libraries()
+    if gpus > 1 and not ranks().distributed:
+        # The ranks must agree on one folder: name it here, once.
+        run_name = None if (resume or name or not recipe) else default_run_name(load_recipe(recipe, set_))
+        raise typer.Exit(launch(gpus, strategy, run_name))
     if resume:
         if name or overwrite:
             raise PeftlabError("--resume continues an existing run folder; fix: drop --name/--overwrite")
@@ -74,6 +81,35 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
         run = run_recipe(load_recipe(recipe, set_), runs_dir, name, overwrite=overwrite)
     if baseline:
         show_comparison([run], baseline_source(baseline, runs_dir))
+
+
+def launch(processes: int, strategy: str, run_name: str | None) -> int:
+    """Re-run this command line as `processes` ranks under torchrun; returns its exit code."""
+    import subprocess
+
+    import torch
+
+    from peftlab.distributed import STRATEGY_ENV, launch_command
+
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise PeftlabError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} GPU(s); fix: --gpus <= that")
+    if not torch.cuda.is_available():
+        say(f"note: no CUDA GPU: {processes} CPU processes (gloo) instead")
+    argv = without_launch_options(sys.argv[1:]) + (["--name", run_name] if run_name else [])
+    env = {**os.environ, STRATEGY_ENV: strategy}
+    return subprocess.run(launch_command(argv, processes, strategy), env=env).returncode
+
+
+def without_launch_options(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--gpus", "--strategy"):
+            skip = True
+        elif not arg.startswith(("--gpus=", "--strategy=")):
+            out.append(arg)
+    return out
 
 
 @app.command()
@@ -277,6 +313,8 @@ def demo(runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     show_comparison(runs)
     show_report(runs, runs_dir / "demo-report.html")
     say(f"run folders: {', '.join(str(r.path) for r in runs)}")
+    say("note: on a CPU, memory is the process's resident set and bitsandbytes runs 4-bit through a dequantizing "
+        "fallback, so these speed and memory ratios are not GPU figures (see bench/README.md for H100 numbers)")
 
 
 def main() -> None:

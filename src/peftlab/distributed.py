@@ -103,7 +103,7 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def trainer_strategy_arguments(quantized: bool) -> dict[str, Any]:
+def trainer_strategy_arguments() -> dict[str, Any]:
     """TrainingArguments for the launch's strategy. DDP needs none beyond what torchrun sets."""
     chosen = strategy()
     if not ranks().distributed or chosen == "ddp":
@@ -126,7 +126,6 @@ def trainer_strategy_arguments(quantized: bool) -> dict[str, Any]:
     }}
 
 
-def quant_storage_for(strategy_name: str) -> bool:
-    """QLoRA under FSDP/ZeRO-3 shards the 4-bit weights: they must be stored in the compute dtype
-    (bnb_4bit_quant_storage) so every flat parameter of a unit has one dtype."""
-    return ranks().distributed and strategy_name in ("fsdp", "zero3")
+def shards_weights() -> bool:
+    """FSDP and ZeRO-3 shard the (frozen) weights themselves, not only gradients and optimizer state."""
+    return ranks().distributed and strategy() in ("fsdp", "zero3")

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import Recipe
+from peftlab.distributed import barrier, broadcast, init_process_group, ranks, strategy
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.registry import index_run
-from peftlab.runs import RunDir, environment, finish_fields
+from peftlab.runs import RunDir, environment, finish_fields, sanitize_name
 from peftlab.watch.console import say
 
 INTERRUPTED_EXIT = 130
@@ -34,10 +35,23 @@ def run_recipe(recipe: Recipe, runs_dir: Path, name: str | None = None, overwrit
                show_progress: bool = True, callbacks: Sequence[Any] = ()) -> RunDir:
     """Train `recipe` into runs_dir/name. On failure the summary says `failed` (or `interrupted`) and why.
     `callbacks`: extra TrainerCallbacks (a sweep's pruning callback)."""
-    run = RunDir.create(runs_dir, name or default_run_name(recipe), recipe, overwrite=overwrite)
-    run.update_summary(name=run.name, recipe=recipe.name, task=recipe.task, method=recipe.method.name,
-                       environment=environment())
+    run = _create_run(recipe, runs_dir, name, overwrite)
     return _execute(recipe, run, show_progress, callbacks=callbacks)
+
+
+def _create_run(recipe: Recipe, runs_dir: Path, name: str | None, overwrite: bool) -> RunDir:
+    """Rank 0 creates the folder; in a multi-process run every rank gets the same one (read-only elsewhere)."""
+    init_process_group()
+    name = broadcast(name or default_run_name(recipe))
+    proc = ranks()
+    run = RunDir(Path(runs_dir) / sanitize_name(name), writer=proc.is_main)
+    if proc.is_main:
+        run = RunDir.create(runs_dir, name, recipe, overwrite=overwrite)
+        run.update_summary(name=run.name, recipe=recipe.name, task=recipe.task, method=recipe.method.name,
+                           environment=environment(), world_size=proc.world_size,
+                           strategy=strategy() if proc.distributed else None)
+    barrier()
+    return run
 
 
 def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_progress: bool = True) -> RunDir:
@@ -45,6 +59,13 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
     from peftlab.reliability import plan_resume
 
     plan = plan_resume(ref, runs_dir, recipe)
+    started_with = plan.run.summary().get("world_size", 1)
+    if started_with != ranks().world_size:
+        raise PeftlabError(
+            f"--resume {ref}: the run was started with {started_with} process(es), this launch has "
+            f"{ranks().world_size}; fix: resume with --gpus {started_with} (the data order depends on it)"
+        )
+    plan.run.writer = ranks().is_main
     resumes = [*plan.run.summary().get("resumes", []), {"from_step": plan.step, "environment": environment()}]
     plan.run.update_summary(status="running", reason=None, resumes=resumes)
     say(f"resuming from {plan.checkpoint.name}")
@@ -60,7 +81,8 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
 
     # pid + host let `--resume` refuse a run that is still being trained.
     run.update_summary(pid=os.getpid(), host=socket.gethostname())
-    index_run(run)  # the registry sees the run while it trains
+    if run.writer:
+        index_run(run)  # the registry sees the run while it trains
     say(f"run folder: {run.path}")
     try:
         with terminate_as_interrupt():
@@ -89,6 +111,7 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
     else:
         summary = run.update_summary(**results, **finish_fields("completed"))
     finally:
-        index_run(run)  # and how it ended, whatever happened
+        if run.writer:
+            index_run(run)  # and how it ended, whatever happened
     say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')})")
     return run

@@ -133,6 +133,8 @@ def _git_sha() -> str | None:
 @dataclass
 class RunDir:
     path: Path
+    # False on the non-zero ranks of a multi-process run: they train, rank 0 writes the folder.
+    writer: bool = True
 
     @property
     def name(self) -> str:
@@ -164,6 +166,8 @@ class RunDir:
         return run
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(redact(json.dumps(json_safe(record))) + "\n")
             fh.flush()
@@ -177,7 +181,8 @@ class RunDir:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
     def write_summary(self, data: dict[str, Any]) -> None:
-        atomic_write_json(self.summary_path, data)
+        if self.writer:
+            atomic_write_json(self.summary_path, data)
 
     def update_summary(self, **fields: Any) -> dict[str, Any]:
         data = {**self.summary(), **fields}

@@ -12,6 +12,7 @@ best parameters and evaluates on the test set.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,9 @@ def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = storage(storage_url, folder)
     exists = name in optuna.get_all_study_names(store)
-    if exists and not resume:
+    # An explicit --storage is how several workers share one study: each joins it (the first creates it).
+    join = resume or storage_url is not None
+    if exists and not join:
         raise PeftlabError(f"study '{name}' already exists in its storage; fix: pass --resume to extend it, or --study NEW")
     if resume and not exists:
         raise PeftlabError(f"--resume: there is no study '{name}' in its storage yet; fix: drop --resume to start it")
@@ -142,14 +145,15 @@ def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None,
         pruner = optuna.pruners.NopPruner() if s.pruner == "none" else optuna.pruners.MedianPruner(
             n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_steps)
     study = optuna.create_study(storage=store, study_name=name, direction=direction(recipe), pruner=pruner,
-                                load_if_exists=resume)
+                                load_if_exists=join)
     if study.direction.name.lower() != direction(recipe):
         raise PeftlabError(
             f"study '{name}' was created to {study.direction.name.lower()}, the recipe now says {direction(recipe)} "
             f"{s.metric}; fix: use the same sweep.metric/direction, or --study NEW"
         )
     # Seeded, but differently per call: a resumed random sampler must not replay the first suggestions.
-    seed = recipe.seed + len(study.trials)
+    # Workers joining at the same moment see the same trial count: the pid keeps their samplers apart.
+    seed = recipe.seed + len(study.trials) + (os.getpid() if storage_url else 0)
     study.sampler = (optuna.samplers.RandomSampler(seed=seed) if s.sampler == "random"
                      else optuna.samplers.TPESampler(seed=seed))
     study.set_user_attr("recipe", recipe.name)

@@ -26,11 +26,16 @@ def bnb_quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) ->
         ) from None
     if quant.compute_dtype != "auto":
         compute_dtype = DTYPES[quant.compute_dtype]
+    from peftlab.distributed import shards_weights
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP / ZeRO-3 flatten each unit into one tensor of one dtype: the packed 4-bit weights must then be
+        # stored in the compute dtype, like the unquantized ones beside them.
+        bnb_4bit_quant_storage=compute_dtype if shards_weights() else torch.uint8,
     )
 
 

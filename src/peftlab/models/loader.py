@@ -166,7 +166,9 @@ def _load_model(auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn_impl
     kwargs.update(config_kwargs, dtype=dtype, attn_implementation=attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if torch.cuda.is_available():
+    from peftlab.distributed import shards_weights
+
+    if torch.cuda.is_available() and not shards_weights():  # FSDP/ZeRO-3 place the shards themselves
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     if "gguf_file" not in kwargs and not cfg.allow_pickle:
         refuse_pickled_weights(Path(location), False, "model.source")

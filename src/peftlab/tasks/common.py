@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from peftlab.config import Recipe
+from peftlab.distributed import trainer_strategy_arguments
 from peftlab.metrics import lower_is_better
 from peftlab.reliability import checkpoint_args
 from peftlab.runs import RunDir
@@ -54,6 +55,7 @@ def trainer_arguments(recipe: Recipe, run: RunDir, precision: str, report_to: li
         gradient_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the filter is what hid NaN losses as 0.0: the guard needs raw values
+        **trainer_strategy_arguments(),
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         **checkpoint_args(t),
@@ -69,7 +71,7 @@ def trainer_arguments(recipe: Recipe, run: RunDir, precision: str, report_to: li
 
 def throughput(trainer: Any, counter: BatchCounter, runtime: float, train_loss: float) -> dict[str, Any]:
     """Summary fields of a finished training loop, from the batches it consumed."""
-    counter = counter.snapshot()
+    counter = counter.total()
     history = [h for h in trainer.state.log_history if "loss" in h]
     steps = trainer.state.global_step
     return {

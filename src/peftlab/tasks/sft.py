@@ -27,7 +27,7 @@ from peftlab.runs import RunDir, atomic_dir, atomic_write_text
 from peftlab.tasks.common import throughput, trainer_arguments
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
-from peftlab.watch.memory import peak_memory, reset_peak_memory
+from peftlab.watch.memory import peak_memory_all_ranks, reset_peak_memory
 from peftlab.watch.monitor import BatchCounter, MonitorCallback
 
 
@@ -131,14 +131,16 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
         result = train_resumable(trainer, recipe.train, resume_from,
                                  carry=lambda: {"counter": counter.as_dict(), "runtime_s": time.perf_counter() - start})
     except TrainingInterrupted:
-        save_adapter(run, setup)
+        if run.writer:
+            save_adapter(run, setup)
         raise
     runtime = time.perf_counter() - start
     summary = throughput(trainer, counter, runtime, result.training_loss)
-    summary.update(peak_memory())
+    summary.update(peak_memory_all_ranks())
     summary.update(_evaluate(trainer, setup.data))
-    save_adapter(run, setup)
-    write_samples(run, recipe, setup.model, setup.tokenizer)
+    if run.writer:
+        save_adapter(run, setup)
+        write_samples(run, recipe, setup.model, setup.tokenizer)
     return summary
 
 

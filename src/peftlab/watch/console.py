@@ -7,6 +7,7 @@ replace what they cannot encode instead of raising.
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import lru_cache
 from typing import Any
@@ -28,7 +29,9 @@ def harden_stdio() -> None:
 def console() -> Console:
     harden_stdio()
     # Not a terminal (CI logs, pipes): rich would assume 80 columns and squeeze the tables.
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    # In a multi-process run only rank 0 speaks.
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200, quiet=quiet)
 
 
 def say(text: str = "", style: str | None = None) -> None:

@@ -29,7 +29,7 @@ class EpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._start, self._eval_s = time.perf_counter(), 0.0
-        self._seen = self.counter.snapshot()
+        self._seen = self.counter.total()
         reset_peak_memory()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -38,7 +38,7 @@ class EpochCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         wall = time.perf_counter() - self._start
         train_s = max(wall - self._eval_s, 1e-9)
-        c, seen = self.counter.snapshot(), self._seen
+        c, seen = self.counter.total(), self._seen
         peak = peak_memory()
         self.peaks = {k: max(v, self.peaks.get(k, 0.0)) for k, v in peak.items()}
         record: dict[str, Any] = {

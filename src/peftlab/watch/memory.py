@@ -6,6 +6,7 @@ import contextlib
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,3 +60,13 @@ def _peak_rss_bytes() -> int:
     # Elsewhere: a process-lifetime peak (KiB on Linux, bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory_all_ranks() -> dict[str, Any]:
+    """This process's peak, plus every rank's when several processes train (a collective)."""
+    from peftlab.distributed import gather, ranks
+
+    peak: dict[str, Any] = peak_memory()
+    if ranks().distributed:
+        peak["peak_mem_per_rank"] = gather(peak)
+    return peak

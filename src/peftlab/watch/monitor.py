@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from peftlab.distributed import sum_over_ranks
 from peftlab.runs import RunDir
 from peftlab.watch.console import Progress
 from peftlab.watch.guard import HealthGuard
@@ -54,6 +55,11 @@ class BatchCounter:
     def as_dict(self) -> dict[str, int]:
         return vars(self.snapshot())
 
+    def total(self) -> BatchCounter:
+        """The snapshot summed over all ranks of a multi-process run (a collective: every rank calls it)."""
+        own = self.snapshot()
+        return BatchCounter(*sum_over_ranks([own.samples, own.tokens, own.padded_tokens, own.trained_tokens]))
+
 
 class MonitorCallback(TrainerCallback):
     def __init__(self, run: RunDir, counter: BatchCounter, guard: HealthGuard | None, progress: Progress) -> None:
@@ -64,7 +70,7 @@ class MonitorCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
-        self.last = self.counter.snapshot()
+        self.last = self.counter.total()
         self.last_step = state.global_step
         self.run.update_summary(max_steps=state.max_steps)  # `peftlab watch` computes its ETA from it
         self.progress.start(total=state.max_steps, done=state.global_step)
@@ -95,7 +101,7 @@ class MonitorCallback(TrainerCallback):
     def _train_record(self, state, logs: dict[str, Any]) -> dict[str, Any]:
         now = time.perf_counter()
         dt = max(now - self.last_time, 1e-9)
-        c, last = self.counter.snapshot(), self.last
+        c, last = self.counter.total(), self.last
         record = {
             "kind": "train",
             "step": state.global_step,
