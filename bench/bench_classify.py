@@ -24,6 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench_sft import measure
+
 from peftlab.cli import quiet_libraries
 from peftlab.config import load_recipe
 from peftlab.runner import run_recipe
@@ -58,25 +60,6 @@ def overrides(args: argparse.Namespace) -> list[str]:
         *VARIANTS[args.variant],
         *args.set,
     ]
-
-
-def measure(records: list[dict], warmup: int) -> dict:
-    """Rates over the steps after `warmup`, from the monitor's cumulative counters."""
-    train = [r for r in records if r.get("kind") == "train"]
-    start, end = train[warmup - 1], train[-1]
-    seconds = end["time"] - start["time"]
-    steps = end["step"] - start["step"]
-    samples = end["samples"] - start["samples"]
-    padded = end["padded_tokens"] - start["padded_tokens"]
-    return {
-        "measured_steps": steps,
-        "seconds": round(seconds, 3),
-        "steps_per_s": round(steps / seconds, 4),
-        "samples_per_s": round(samples / seconds, 2),
-        "tokens_per_s": round((end["tokens"] - start["tokens"]) / seconds, 1),
-        "padded_tokens_per_s": round(padded / seconds, 1),
-        "mean_padded_len": round(padded / samples, 1),
-    }
 
 
 def main() -> None:

@@ -40,16 +40,21 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def measure(records: list[dict], warmup: int) -> dict:
+    """Rates over the steps after `warmup`, from the monitor's cumulative counters (bench_classify uses it too)."""
     train = [r for r in records if r.get("kind") == "train"]
     start, end = train[warmup - 1], train[-1]
     seconds = end["time"] - start["time"]
     steps = end["step"] - start["step"]
+    samples = end["samples"] - start["samples"]
+    padded = end["padded_tokens"] - start["padded_tokens"]
     return {
         "measured_steps": steps,
         "seconds": round(seconds, 3),
         "steps_per_s": round(steps / seconds, 4),
-        "samples_per_s": round((end["samples"] - start["samples"]) / seconds, 3),
+        "samples_per_s": round(samples / seconds, 3),
         "tokens_per_s": round((end["tokens"] - start["tokens"]) / seconds, 1),
+        "padded_tokens_per_s": round(padded / seconds, 1),
+        "mean_padded_len": round(padded / samples, 1),
     }
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from report_sft import fmt
+
 ROWS = [
     ("C1_seed_lora", "plain HF", "LoRA"),
     ("peftlab_lora", "peftlab", "LoRA"),
@@ -21,10 +23,6 @@ ROWS = [
     ("C5_tuned_qlora_bs4_no_kbit_prep", "plain HF", "QLoRA bs4 x GA1, no k-bit prep"),
     ("peftlab_qlora_bs4", "peftlab", "QLoRA bs4 x GA1"),
 ]
-
-
-def fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def main() -> None:

@@ -5,24 +5,17 @@
 # Group B (~6 min): latent caching, and batch 4 x GA 1 (the fp32-activation effect grows with the batch).
 # Needs .bench-hf/ carried as for run_gpu_sft.sh (bench/README.md). Usage: OUT=... bash bench/run_gpu_diffusion.sh A|B
 set -u
-OUT=${OUT:?set OUT}
 G=${1:?group: A or B}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .bench-hf/whl/*.whl .bench-hf/whl-peftlab/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export PEFTLAB_CACHE=/tmp/peftlab-cache HF_DATASETS_CACHE=/tmp/hf-datasets-cache TQDM_DISABLE=1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import sys; sys.path.insert(0, '.bench-hf'); import common, json; print(json.dumps(common.versions()))"; } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+source "$(dirname "$0")/gpu_env.sh"
 hf() {  # hf NAME ARGS...: the reference script, unchanged
   local name=$1; shift
   echo "=== $name"; timeout -k 10 110 python3 .bench-hf/sd15_lora.py --name "$name" --no-flops --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
-  echo "rc=$?"; { echo "=== $name"; tr '\r' '\n' < /tmp/log.txt; } >> "$OUT/log.txt"; tail -2 /tmp/log.txt
+  echo "rc=$?"; log_run "$name"; tail -2 /tmp/log.txt
 }
 ours() {  # ours NAME VARIANT [--set KEY=VALUE ...]
   local name=$1 variant=$2; shift 2
   echo "=== $name"; timeout -k 10 150 python3 bench/bench_diffusion.py --variant "$variant" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
-  echo "rc=$?"; { echo "=== $name"; tr '\r' '\n' < /tmp/log.txt; } >> "$OUT/log.txt"; grep RESULT /tmp/log.txt | tail -1; tail -3 /tmp/log.txt
+  echo "rc=$?"; log_run "$name"; grep RESULT /tmp/log.txt | tail -1; tail -3 /tmp/log.txt
 }
 BS4=(--set train.batch_size=4 --set train.grad_accum=1 --warmup 8 --steps 30)
 if [ "$G" = A ]; then

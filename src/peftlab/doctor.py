@@ -14,6 +14,7 @@ import torch
 
 from peftlab.config import Recipe
 from peftlab.data.instructions import IGNORE_INDEX
+from peftlab.tasks.common import announce
 from peftlab.watch.console import say
 
 GIB = 1024**3
@@ -111,10 +112,7 @@ def run_doctor(recipe: Recipe) -> list[str]:
         return classify_doctor(recipe)
     setup = sft.build(recipe)
     c, s = setup.context, setup.data.stats
-    say(f"recipe {recipe.name}: {recipe.model.source} | {recipe.method.name} | {c.precision} | attention {c.attn_implementation}")
-    say(str(setup.params))
-    for note in setup.notes:
-        say(f"note: {note}")
+    announce(recipe, c, setup.params, setup.notes)
     show_example(setup.tokenizer, setup.data.train[0])
     up = Checkup()
     say(f"lengths (tokens, after truncation at {recipe.data.max_length}): mean {s.tokens_mean}, median {s.tokens_median}, "

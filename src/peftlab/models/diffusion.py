@@ -22,6 +22,7 @@ from peftlab.config import ModelConfig, QuantSettings
 from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.models import presets
 from peftlab.models.adapt import bnb_quantization_config
+from peftlab.models.loader import offline_error
 
 CLIP_MAX_LENGTH = 77
 
@@ -158,11 +159,7 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, where: str, subfolder: str, 
     except OSError as exc:
         if os.path.isdir(where):
             raise PeftlabError(f"model.source '{cfg.source}': {subfolder}/ is not loadable ({str(exc).splitlines()[0]})") from None
-        raise PeftlabError(
-            f"model.source '{cfg.source}': not in the local Hugging Face cache and the hub is unreachable "
-            f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}); fix: `hf download {cfg.source}` where there is "
-            "network and point model.source at that folder, or use preset:sd15 / preset:tiny-sd"
-        ) from None
+        raise offline_error(cfg, "use preset:sd15 / preset:tiny-sd") from None
 
 
 @dataclass

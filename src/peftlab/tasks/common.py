@@ -90,3 +90,15 @@ def throughput(trainer: Any, counter: BatchCounter, runtime: float, train_loss: 
         "mean_train_loss": train_loss,
         "memory_kind": memory_kind(),
     }
+
+
+def announce(recipe: Recipe, context: Any, params: Any, notes: list[str]) -> None:
+    """The lines every task prints before training: model, method, precision, parameter counts, notes."""
+    from peftlab.models import loader
+    from peftlab.watch.console import say
+
+    say(f"model {loader.describe_source(recipe.model)} | {recipe.method.name} | {context.precision} | "
+        f"attention {context.attn_implementation}")
+    say(str(params))
+    for note in notes:
+        say(f"note: {note}")

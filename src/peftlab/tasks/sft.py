@@ -24,7 +24,7 @@ from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES, resolve_precision
 from peftlab.reliability import TrainingInterrupted, carried_state, train_resumable
 from peftlab.runs import RunDir, atomic_dir, atomic_write_text
-from peftlab.tasks.common import throughput, trainer_arguments
+from peftlab.tasks.common import announce, throughput, trainer_arguments
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
 from peftlab.watch.memory import peak_memory_all_ranks, reset_peak_memory
@@ -153,11 +153,7 @@ def save_adapter(run: RunDir, setup: SftSetup) -> None:
 
 def _announce(recipe: Recipe, setup: SftSetup) -> None:
     s = setup.data.stats
-    say(f"model {loader.describe_source(recipe.model)} | {recipe.method.name} | {setup.context.precision} | "
-        f"attention {setup.context.attn_implementation}")
-    say(str(setup.params))
-    for note in setup.notes:
-        say(f"note: {note}")
+    announce(recipe, setup.context, setup.params, setup.notes)
     say(f"data: {s.train_rows} train / {s.eval_rows} eval rows, {s.tokens_mean:.0f} tokens mean, "
         f"{100 * s.truncation_rate:.1f}% truncated at {recipe.data.max_length}"
         + (f", {s.dropped_fully_masked} dropped (prompt fills max_length)" if s.dropped_fully_masked else ""))
