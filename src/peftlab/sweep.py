@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ OBJECTIVES = {
 STUDY_DB = "study.db"
 RESULTS_FILE = "sweep.json"
 HEARTBEAT_S = 60  # a RUNNING trial without a heartbeat for GRACE_S is failed and retried once
+STORAGE_ATTEMPTS = 4
 GRACE_S = 300
 
 
@@ -115,16 +117,23 @@ def storage(url: str | None, folder: Path) -> Any:
 
     url = url or f"sqlite:///{(folder / STUDY_DB).resolve()}"
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
-    except Exception as exc:  # sqlalchemy: bad URL, missing driver, unreachable server
-        raise PeftlabError(
-            f"--storage: cannot open the study storage ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}); "
-            "fix: pass an SQLAlchemy URL such as sqlite:///study.db or postgresql://user@host/db (with its driver installed)"
-        ) from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        except Exception as exc:  # sqlalchemy: bad URL, missing driver, unreachable server
+            # Workers started together race to create the schema ("table studies already exists"):
+            # the loser finds it complete a moment later.
+            if "already exists" in str(exc) and attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(1.0 + attempt)
+                continue
+            raise PeftlabError(
+                f"--storage: cannot open the study storage ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}); "
+                "fix: pass an SQLAlchemy URL such as sqlite:///study.db or postgresql://user@host/db (with its driver installed)"
+            ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None, resume: bool,

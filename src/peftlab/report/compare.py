@@ -189,8 +189,10 @@ def versus(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]
         elif c.kind == "memory":
             r = ratio(value, ref)
             vs[f"{c.name}_change_pct"] = None if r is None else 100.0 * (r - 1.0)
+            vs[f"{c.name}_delta"] = None if r is None else value - ref
         elif c.kind == "rate":
             vs[f"{c.name}_ratio"] = ratio(value, ref)
+            vs[f"{c.name}_delta"] = None if value is None or ref is None else value - ref
         elif c.kind == "metric":
             delta = None if value is None or ref is None else value - ref
             r = ratio(value, ref)
@@ -268,10 +270,13 @@ def vs_text(row: dict[str, Any], key: str, column: Column) -> str:
     value = row["vs"][key]
     if value is None:
         return NA
-    if column.kind in ("time", "rate"):
+    if column.kind == "time":
         return f"{value:.2f}x"
-    if column.kind == "memory":
-        return signed(value, ".1f", "%")
+    delta = row["vs"].get(f"{column.name}_delta")
+    if column.kind == "rate":  # the ratio, and the absolute difference
+        return f"{value:.2f}x" + ("" if delta is None else f" ({signed(delta, column.fmt)})")
+    if column.kind == "memory":  # the absolute difference, and the relative one
+        return ("" if delta is None else f"{signed(delta, column.fmt)} GiB ") + f"({signed(value, '.1f', '%')})"
     pct = row["vs"][f"{column.name}_delta_pct"]
     return signed(value, column.fmt) + ("" if pct is None else f" ({pct:+.1f}%)")
 
