@@ -39,6 +39,7 @@ STUDY_DB = "study.db"
 RESULTS_FILE = "sweep.json"
 HEARTBEAT_S = 60  # a RUNNING trial without a heartbeat for GRACE_S is failed and retried once
 STORAGE_ATTEMPTS = 4
+SCHEMA_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
 GRACE_S = 300
 
 
@@ -124,9 +125,9 @@ def storage(url: str | None, folder: Path) -> Any:
                 return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                   failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
         except Exception as exc:  # sqlalchemy: bad URL, missing driver, unreachable server
-            # Workers started together race to create the schema ("table studies already exists"):
-            # the loser finds it complete a moment later.
-            if "already exists" in str(exc) and attempt + 1 < STORAGE_ATTEMPTS:
+            # Workers started together race to create the schema ("table studies already exists", a
+            # duplicate alembic_version row, a locked SQLite file): the loser finds it complete a moment later.
+            if any(sign in str(exc) for sign in SCHEMA_RACE) and attempt + 1 < STORAGE_ATTEMPTS:
                 time.sleep(1.0 + attempt)
                 continue
             raise PeftlabError(
