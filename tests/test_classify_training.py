@@ -105,3 +105,15 @@ def test_labels_dropped_before_the_model_are_caught(tiny_classifier) -> None:
                       train_dataset=renamed, data_collator=classify.collator(tiny_classifier(), setup.tokenizer))
     with pytest.raises(PeftlabError, match="reach the model without labels"):
         classify.check_labels_reach_model(trainer, len(setup.data.labels))
+
+
+def test_generate_on_a_classify_run_prints_a_known_label_per_text(trained: RunDir, cli) -> None:
+    labels = json.loads((trained.adapter_path / classify.LABELS_FILE).read_text())["id2label"].values()
+    code, lines = cli("generate", str(trained.path), "--prompt", "My card has not arrived yet",
+                      "--prompt", "How do I activate my card?")
+    assert code == 0
+    answers = [line for line in lines if not line.startswith(">")]
+    assert len(answers) == 2
+    for answer in answers:
+        label, probability = answer.rsplit(" (", 1)
+        assert label in labels and 0.0 < float(probability.rstrip(")")) <= 1.0

@@ -273,12 +273,12 @@ def doctor(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
-             prompt: Annotated[list[str], typer.Option(help="instruction to answer, or image prompt (repeatable)")],
+             prompt: Annotated[list[str], typer.Option(help="instruction to answer, text to classify, or image prompt (repeatable)")],
              max_new_tokens: Annotated[int | None, typer.Option(help="default: the recipe's eval.max_new_tokens")] = None,
              seed: Annotated[list[int] | None, typer.Option(help="diffusion: one image per seed (repeatable)")] = None,
              steps: Annotated[int | None, typer.Option(help="diffusion: denoising steps (default: the recipe's)")] = None,
              runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
-    """Generate with a run's saved adapter (text; for diffusion runs, PNG files whose paths are printed)."""
+    """Use a run's saved adapter: SFT answers, classify labels, diffusion PNG files (their paths are printed)."""
     quiet_libraries()  # before the imports below: trl imports bitsandbytes, which logs at import
     from peftlab.config import load_recipe
     from peftlab.runs import open_run
@@ -295,6 +295,15 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
         pipeline = diffusion.load_for_inference(folder, recipe)
         for path in diffusion.generate_images(pipeline, recipe, prompt, folder.samples_path / "generated", seed, steps):
             say(str(path))
+        return
+    if recipe.task == "classify":
+        from peftlab.tasks import classify
+
+        model, tokenizer, labels = classify.load_for_inference(folder, recipe)
+        for text, (label, probability) in zip(prompt, classify.predict(model, tokenizer, labels, prompt,
+                                                                        recipe.data.max_length), strict=True):
+            say(f"> {text}")
+            say(f"{label} ({probability:.3f})")
         return
     model, tokenizer = load_for_inference(folder, recipe)
     for text in prompt:
