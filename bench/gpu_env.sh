@@ -12,3 +12,9 @@ cat "$OUT/env.txt"
 log_run() {  # log_run NAME: append /tmp/log.txt to $OUT/log.txt under a header
   { echo "=== $1"; tr '\r' '\n' < /tmp/log.txt; } >> "$OUT/log.txt"
 }
+
+hf_run() {  # hf_run SCRIPT LIMIT_S NAME ARGS...: one plain-HF reference script of .bench-hf, unchanged
+  local script=$1 limit=$2 name=$3; shift 3
+  echo "=== $name"; timeout -k 10 "$limit" python3 ".bench-hf/$script" --name "$name" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
+  echo "rc=$?"; log_run "$name"; grep RESULT /tmp/log.txt | tail -1
+}

@@ -6,11 +6,7 @@
 # Usage: OUT=bench/results/classify bash bench/run_gpu_classify.sh
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-hf() {  # hf NAME ARGS...: the reference script, unchanged
-  local name=$1; shift
-  echo "=== $name"; timeout -k 10 120 python3 .bench-hf/seqcls_gpt2.py --name "$name" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
-  echo "rc=$?"; log_run "$name"; grep RESULT /tmp/log.txt | tail -1
-}
+hf() { hf_run seqcls_gpt2.py 120 "$@"; }  # hf NAME ARGS...
 ours() {  # ours METHOD VARIANT
   local name=peftlab_$1_$2
   echo "=== $name"; timeout -k 10 180 python3 bench/bench_classify.py --method "$1" --variant "$2" --steps 60 --out "$OUT/$name.json" > /tmp/log.txt 2>&1

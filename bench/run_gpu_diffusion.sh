@@ -7,11 +7,7 @@
 set -u
 G=${1:?group: A or B}
 source "$(dirname "$0")/gpu_env.sh"
-hf() {  # hf NAME ARGS...: the reference script, unchanged
-  local name=$1; shift
-  echo "=== $name"; timeout -k 10 110 python3 .bench-hf/sd15_lora.py --name "$name" --no-flops --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
-  echo "rc=$?"; log_run "$name"; tail -2 /tmp/log.txt
-}
+hf() { hf_run sd15_lora.py 110 "$@" --no-flops; }  # hf NAME ARGS...
 ours() {  # ours NAME VARIANT [--set KEY=VALUE ...]
   local name=$1 variant=$2; shift 2
   echo "=== $name"; timeout -k 10 150 python3 bench/bench_diffusion.py --variant "$variant" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1

@@ -5,11 +5,7 @@
 # Usage: OUT=bench/results/sft bash bench/run_gpu_sft.sh
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-hf() {  # hf NAME ARGS...: the reference script, unchanged
-  local name=$1; shift
-  echo "=== $name"; timeout -k 10 200 python3 .bench-hf/sft_gemma2.py --name "$name" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
-  echo "rc=$?"; log_run "$name"; grep RESULT /tmp/log.txt | tail -1
-}
+hf() { hf_run sft_gemma2.py 200 "$@"; }  # hf NAME ARGS...
 ours() {  # ours METHOD
   echo "=== peftlab_$1"; timeout -k 10 240 python3 bench/bench_sft.py --method "$1" --out "$OUT/peftlab_$1.json" > /tmp/log.txt 2>&1
   echo "rc=$?"; log_run "peftlab_$1"; grep RESULT /tmp/log.txt | tail -1; tail -5 /tmp/log.txt
