@@ -59,14 +59,15 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
     from peftlab.reliability import plan_resume
 
     plan = plan_resume(ref, runs_dir, recipe)
-    started_with = plan.run.summary().get("world_size", 1)
+    summary = plan.run.summary()
+    started_with = summary.get("world_size", 1)
     if started_with != ranks().world_size:
         raise PeftlabError(
             f"--resume {ref}: the run was started with {started_with} process(es), this launch has "
             f"{ranks().world_size}; fix: resume with --gpus {started_with} (the data order depends on it)"
         )
     plan.run.writer = ranks().is_main
-    resumes = [*plan.run.summary().get("resumes", []), {"from_step": plan.step, "environment": environment()}]
+    resumes = [*summary.get("resumes", []), {"from_step": plan.step, "environment": environment()}]
     plan.run.update_summary(status="running", reason=None, resumes=resumes)
     say(f"resuming from {plan.checkpoint.name}")
     return _execute(plan.recipe, plan.run, show_progress, resume_from=plan.checkpoint)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,17 @@ from peftlab.data.intents import ClassData, build_class_data
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES, resolve_precision
-from peftlab.reliability import TrainingInterrupted, carried_state, train_resumable
+from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_dir, atomic_write_json
-from peftlab.tasks.common import announce, resolve_optimizer, throughput, trainer_arguments
+from peftlab.tasks.common import (
+    CountsBatches,
+    announce,
+    resolve_optimizer,
+    resumed_counter,
+    throughput,
+    train_counted,
+    trainer_arguments,
+)
 from peftlab.watch.console import Progress, print_table, say
 from peftlab.watch.epochs import EpochCallback
 from peftlab.watch.guard import HealthGuard, RunContext
@@ -59,16 +66,8 @@ class LabelCounter(BatchCounter):
         return labels.numel()
 
 
-class CountingTrainer(Trainer):
+class CountingTrainer(CountsBatches, Trainer):
     """Trainer that counts the tokens of every consumed micro-batch (real and padded)."""
-
-    def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.counter = counter
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.counter.add(inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def build(recipe: Recipe) -> ClassifySetup:
@@ -171,8 +170,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     run.update_summary(data=setup.data.stats.as_dict(), labels=setup.data.labels, precision=setup.context.precision,
                        attn_implementation=setup.context.attn_implementation, notes=setup.notes,
                        f1_definition=metrics.F1_DEFINITION)
-    carried = carried_state(resume_from)
-    counter = LabelCounter(**carried.get("counter", {}))
+    counter, seconds_before = resumed_counter(LabelCounter, resume_from)
     guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
     epochs = EpochCallback(run, counter)
     trainer = CountingTrainer(
@@ -188,15 +186,13 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     )
     trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
     check_labels_reach_model(trainer, len(setup.data.labels))
-    start = time.perf_counter() - carried.get("runtime_s", 0.0)
     with tracking.environment(track):
         try:
-            result = train_resumable(trainer, recipe.train, resume_from,
-                                     carry=lambda: {"counter": counter.as_dict(), "runtime_s": time.perf_counter() - start})
+            result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
         except TrainingInterrupted:
             save_adapter(run, setup)
             raise
-        summary = throughput(trainer, counter, time.perf_counter() - start, result.training_loss)
+        summary = throughput(trainer, counter, runtime, result.training_loss)
         summary.update(epochs.peak_memory())
         if trainer.state.best_model_checkpoint:
             summary.update(best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric)
@@ -207,7 +203,9 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
 
 
 def save_adapter(run: RunDir, setup: ClassifySetup) -> None:
-    """adapter/ (LoRA + head safetensors, tokenizer, label names), swapped in whole."""
+    """adapter/ (LoRA + head safetensors, tokenizer, label names), swapped in whole; by rank 0 only."""
+    if not run.writer:
+        return
     labels = setup.data.labels
     with atomic_dir(run.adapter_path) as folder:
         setup.model.save_pretrained(folder)
@@ -228,7 +226,7 @@ def evaluate(trainer: Trainer, setup: ClassifySetup, run: RunDir) -> dict[str, A
         results.update({f"{prefix}_{name}": prediction.metrics.get(f"{prefix}_{name}") for name in METRIC_NAMES})
         detailed = (prefix, prediction)
     _require_finite(results, setup.context)
-    if detailed is not None:
+    if detailed is not None and run.writer:  # every rank predicts (a collective); rank 0 writes the files
         prefix, prediction = detailed
         predicted = metrics.predicted_classes(prediction.predictions)
         names = setup.data.labels

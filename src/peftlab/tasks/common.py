@@ -3,6 +3,8 @@ machine can run, and the throughput summary of a finished run."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from peftlab.config import Recipe
 from peftlab.distributed import trainer_strategy_arguments
 from peftlab.metrics import lower_is_better
-from peftlab.reliability import checkpoint_args
+from peftlab.reliability import carried_state, checkpoint_args, train_resumable
 from peftlab.runs import RunDir
 from peftlab.watch.memory import memory_kind
 from peftlab.watch.monitor import BatchCounter
@@ -90,6 +92,34 @@ def throughput(trainer: Any, counter: BatchCounter, runtime: float, train_loss: 
         "mean_train_loss": train_loss,
         "memory_kind": memory_kind(),
     }
+
+
+class CountsBatches:
+    """Mixin for a Trainer subclass: every micro-batch the loop consumes goes into `counter` (not what the
+    dataloader prefetched), so throughput counts real work."""
+
+    def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counter = counter
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.counter.add(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def resumed_counter(counter_class: type[BatchCounter], resume_from: Path | None) -> tuple[BatchCounter, float]:
+    """The counter and training seconds of the run so far (zero for a fresh run), as the checkpoint carried them."""
+    carried = carried_state(resume_from)
+    return counter_class(**carried.get("counter", {})), carried.get("runtime_s", 0.0)
+
+
+def train_counted(trainer: Any, recipe: Recipe, resume_from: Path | None, seconds_before: float) -> tuple[Any, float]:
+    """trainer.train(), resumable, with the counter and clock saved in every checkpoint;
+    returns (the Trainer's result, training seconds including the run's earlier sessions)."""
+    start = time.perf_counter() - seconds_before
+    result = train_resumable(trainer, recipe.train, resume_from,
+                             carry=lambda: {"counter": trainer.counter.as_dict(), "runtime_s": time.perf_counter() - start})
+    return result, time.perf_counter() - start
 
 
 def announce(recipe: Recipe, context: Any, params: Any, notes: list[str]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ from peftlab.config import Recipe
 from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES, resolve_precision
-from peftlab.reliability import TrainingInterrupted, carried_state, train_resumable
+from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_dir, atomic_write_text
-from peftlab.tasks.common import announce, throughput, trainer_arguments
+from peftlab.tasks.common import CountsBatches, announce, resumed_counter, throughput, train_counted, trainer_arguments
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
 from peftlab.watch.memory import peak_memory_all_ranks, reset_peak_memory
@@ -69,12 +68,11 @@ def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str) -> tuple[
     return adapt.apply_lora(model, recipe.method.lora), notes
 
 
-class CountingSFTTrainer(SFTTrainer):
+class CountingSFTTrainer(CountsBatches, SFTTrainer):
     """SFTTrainer that counts the tokens of every consumed micro-batch and refuses all-masked ones."""
 
     def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.counter = counter
+        super().__init__(*args, counter=counter, **kwargs)
         self.data_collator = self._refusing_all_masked(self.data_collator)
 
     def _refusing_all_masked(self, collate: Any) -> Any:
@@ -85,10 +83,6 @@ class CountingSFTTrainer(SFTTrainer):
             return batch
 
         return collate_checked
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.counter.add(inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def training_arguments(recipe: Recipe, run: RunDir, precision: str) -> SFTConfig:
@@ -112,8 +106,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     run.update_summary(data=setup.data.stats.as_dict(), precision=setup.context.precision,
                        attn_implementation=setup.context.attn_implementation, notes=setup.notes,
                        memory_estimate={**asdict(estimate), "total_gib": estimate.total_gib})
-    carried = carried_state(resume_from)  # token counters and runtime of the run so far
-    counter = BatchCounter(**carried.get("counter", {}))
+    counter, seconds_before = resumed_counter(BatchCounter, resume_from)
     guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
     trainer = CountingSFTTrainer(
         model=setup.model,
@@ -126,26 +119,23 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     )
     trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
     reset_peak_memory()
-    start = time.perf_counter() - carried.get("runtime_s", 0.0)
     try:
-        result = train_resumable(trainer, recipe.train, resume_from,
-                                 carry=lambda: {"counter": counter.as_dict(), "runtime_s": time.perf_counter() - start})
+        result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
     except TrainingInterrupted:
-        if run.writer:
-            save_adapter(run, setup)
+        save_adapter(run, setup)
         raise
-    runtime = time.perf_counter() - start
     summary = throughput(trainer, counter, runtime, result.training_loss)
     summary.update(peak_memory_all_ranks())
     summary.update(_evaluate(trainer, setup.data))
-    if run.writer:
-        save_adapter(run, setup)
-        write_samples(run, recipe, setup.model, setup.tokenizer)
+    save_adapter(run, setup)
+    write_samples(run, recipe, setup.model, setup.tokenizer)
     return summary
 
 
 def save_adapter(run: RunDir, setup: SftSetup) -> None:
-    """adapter/ (safetensors + tokenizer), swapped in whole."""
+    """adapter/ (safetensors + tokenizer), swapped in whole; by rank 0 only."""
+    if not run.writer:
+        return
     with atomic_dir(run.adapter_path) as folder:
         setup.model.save_pretrained(folder)
         setup.tokenizer.save_pretrained(folder)
@@ -179,7 +169,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_to
 
 
 def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any) -> None:
-    """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side."""
+    """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side; by rank 0 only."""
+    if not run.writer:
+        return
     rows = []
     for prompt in recipe.eval.prompts:
         row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe)}
