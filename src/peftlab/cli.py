@@ -89,15 +89,15 @@ def launch(processes: int, strategy: str, run_name: str | None) -> int:
 
     import torch
 
-    from peftlab.distributed import STRATEGY_ENV, launch_command
+    from peftlab.distributed import STRATEGY_ENV, checked_strategy, launch_command
 
+    env = {**os.environ, STRATEGY_ENV: checked_strategy(strategy, "--strategy")}
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise PeftlabError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} GPU(s); fix: --gpus <= that")
     if not torch.cuda.is_available():
         say(f"note: no CUDA GPU: {processes} CPU processes (gloo) instead")
     argv = without_launch_options(sys.argv[1:]) + (["--name", run_name] if run_name else [])
-    env = {**os.environ, STRATEGY_ENV: strategy}
-    return subprocess.run(launch_command(argv, processes, strategy), env=env).returncode
+    return subprocess.run(launch_command(argv, processes), env=env).returncode
 
 
 def without_launch_options(argv: list[str]) -> list[str]:

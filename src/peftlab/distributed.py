@@ -38,17 +38,18 @@ def ranks() -> Ranks:
     return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def strategy() -> str:
-    value = os.environ.get(STRATEGY_ENV, "ddp")
+def checked_strategy(value: str, source: str) -> str:
     if value not in STRATEGIES:
-        raise PeftlabError(f"{STRATEGY_ENV}={value!r}: unknown strategy; valid: {', '.join(STRATEGIES)}")
+        raise PeftlabError(f"{source} {value!r}: unknown strategy; valid: {', '.join(STRATEGIES)}")
     return value
 
 
-def launch_command(argv: list[str], processes: int, chosen: str) -> list[str]:
+def strategy() -> str:
+    return checked_strategy(os.environ.get(STRATEGY_ENV, "ddp"), STRATEGY_ENV)
+
+
+def launch_command(argv: list[str], processes: int) -> list[str]:
     """torchrun over this same command line (without --gpus/--strategy, which are consumed here)."""
-    if chosen not in STRATEGIES:
-        raise PeftlabError(f"--strategy {chosen!r}: unknown; valid: {', '.join(STRATEGIES)}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
             "-m", "peftlab", *argv]
 
