@@ -25,7 +25,9 @@ def current_memory() -> dict[str, float]:
             "mem_allocated_gib": round(torch.cuda.memory_allocated() / GIB, 3),
             "mem_reserved_gib": round(torch.cuda.memory_reserved() / GIB, 3),
         }
-    return {"mem_rss_gib": round(_status_kib("VmRSS:") * 1024 / GIB, 3)}
+    # Without /proc (macOS), the peak resident set is the closest reading there is.
+    rss = _status_kib("VmRSS:") * 1024 if STATUS.exists() else _peak_rss_bytes()
+    return {"mem_rss_gib": round(rss / GIB, 3)}
 
 
 def peak_memory() -> dict[str, float]:
