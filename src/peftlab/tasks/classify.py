@@ -25,7 +25,7 @@ from peftlab.config import Recipe
 from peftlab.data.intents import ClassData, build_class_data
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt, loader
-from peftlab.models.precision import DTYPES, resolve_precision
+from peftlab.models.precision import DTYPES
 from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_dir, atomic_write_json
 from peftlab.tasks.common import (
@@ -33,6 +33,7 @@ from peftlab.tasks.common import (
     announce,
     resolve_optimizer,
     resumed_counter,
+    run_context,
     throughput,
     train_counted,
     trainer_arguments,
@@ -74,19 +75,16 @@ def build(recipe: Recipe) -> ClassifySetup:
     from transformers import set_seed
 
     set_seed(recipe.seed)
-    model_type = loader.load_model_config(recipe.model).model_type
-    precision = resolve_precision(recipe.train.precision, model_type)
-    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    context = run_context(recipe)
     tokenizer = loader.load_tokenizer(recipe.model)  # pad = eos when the model has no pad token
     data = build_class_data(recipe.data, tokenizer, recipe.seed)
     if data.eval is None and (recipe.train.eval_steps or recipe.train.best_metric):
         raise PeftlabError("train.eval_steps / train.best_metric need a validation set, and data.eval_fraction is 0; "
                            "fix: set data.eval_fraction > 0, or train.eval_steps=null and train.best_metric=null")
-    model, notes = _load_adapted_model(recipe, DTYPES[precision], attn, data.labels, tokenizer.pad_token_id)
+    model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation, data.labels, tokenizer.pad_token_id)
     if recipe.model.source.startswith("preset:"):
         notes.append(loader.presets.tokenizer_note(recipe.model.source.removeprefix("preset:")))
     notes += _speed_notes(recipe)
-    context = RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name)
     return ClassifySetup(model, tokenizer, data, context, adapt.count_params(model), notes)
 
 
@@ -303,10 +301,9 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]
     saved = json.loads((run.adapter_path / LABELS_FILE).read_text(encoding="utf-8"))
     labels = [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))]
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
-    model_type = loader.load_model_config(recipe.model).model_type
-    precision = resolve_precision(recipe.train.precision, model_type)
-    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
-    base = loader.load_sequence_classifier(recipe.model, DTYPES[precision], attn, labels, tokenizer.pad_token_id)
+    context = run_context(recipe)
+    base = loader.load_sequence_classifier(recipe.model, DTYPES[context.precision], context.attn_implementation,
+                                           labels, tokenizer.pad_token_id)
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer, labels
 

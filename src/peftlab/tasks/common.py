@@ -14,6 +14,7 @@ from peftlab.distributed import trainer_strategy_arguments
 from peftlab.metrics import lower_is_better
 from peftlab.reliability import carried_state, checkpoint_args, train_resumable
 from peftlab.runs import RunDir
+from peftlab.watch.guard import RunContext
 from peftlab.watch.memory import memory_kind
 from peftlab.watch.monitor import BatchCounter
 
@@ -120,6 +121,17 @@ def train_counted(trainer: Any, recipe: Recipe, resume_from: Path | None, second
     result = train_resumable(trainer, recipe.train, resume_from,
                              carry=lambda: {"counter": trainer.counter.as_dict(), "runtime_s": time.perf_counter() - start})
     return result, time.perf_counter() - start
+
+
+def run_context(recipe: Recipe) -> RunContext:
+    """Model family, precision and attention this recipe runs with (what the guard and the loaders need)."""
+    from peftlab.models import loader
+    from peftlab.models.precision import resolve_precision
+
+    model_type = loader.load_model_config(recipe.model).model_type
+    precision = resolve_precision(recipe.train.precision, model_type)
+    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    return RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name)
 
 
 def announce(recipe: Recipe, context: Any, params: Any, notes: list[str]) -> None:

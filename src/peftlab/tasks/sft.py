@@ -20,10 +20,18 @@ from trl import SFTConfig, SFTTrainer
 from peftlab.config import Recipe
 from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
 from peftlab.models import adapt, loader
-from peftlab.models.precision import DTYPES, resolve_precision
+from peftlab.models.precision import DTYPES
 from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_dir, atomic_write_text
-from peftlab.tasks.common import CountsBatches, announce, resumed_counter, throughput, train_counted, trainer_arguments
+from peftlab.tasks.common import (
+    CountsBatches,
+    announce,
+    resumed_counter,
+    run_context,
+    throughput,
+    train_counted,
+    trainer_arguments,
+)
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
 from peftlab.watch.memory import peak_memory_all_ranks, reset_peak_memory
@@ -44,16 +52,13 @@ def build(recipe: Recipe, data: bool = True) -> SftSetup:
     from transformers import set_seed
 
     set_seed(recipe.seed)
-    model_type = loader.load_model_config(recipe.model).model_type
-    precision = resolve_precision(recipe.train.precision, model_type)
-    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
+    context = run_context(recipe)
     tokenizer = loader.load_tokenizer(recipe.model)
     instruction_data = build_instruction_data(recipe.data, tokenizer, recipe.seed) if data else None
-    model, notes = _load_adapted_model(recipe, DTYPES[precision], attn)
+    model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.model.source.startswith("preset:"):
         notes.append(loader.presets.tokenizer_note(recipe.model.source.removeprefix("preset:")))
-    context = RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name)
     return SftSetup(model, tokenizer, instruction_data, context, adapt.count_params(model), notes)
 
 
@@ -193,10 +198,8 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    model_type = loader.load_model_config(recipe.model).model_type
-    precision = resolve_precision(recipe.train.precision, model_type)
-    attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
-    base = loader.load_causal_lm(recipe.model, DTYPES[precision], attn)
+    context = run_context(recipe)
+    base = loader.load_causal_lm(recipe.model, DTYPES[context.precision], context.attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer
