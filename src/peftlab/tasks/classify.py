@@ -27,13 +27,14 @@ from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES
 from peftlab.reliability import TrainingInterrupted
-from peftlab.runs import RunDir, atomic_dir, atomic_write_json
+from peftlab.runs import RunDir, atomic_write_json
 from peftlab.tasks.common import (
     CountsBatches,
     announce,
     resolve_optimizer,
     resumed_counter,
     run_context,
+    save_adapter,
     throughput,
     train_counted,
     trainer_arguments,
@@ -188,28 +189,23 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
         try:
             result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
         except TrainingInterrupted:
-            save_adapter(run, setup)
+            save_adapter_and_labels(run, setup)
             raise
         summary = throughput(trainer, counter, runtime, result.training_loss)
         summary.update(epochs.peak_memory())
         if trainer.state.best_model_checkpoint:
             summary.update(best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric)
-        save_adapter(run, setup)
+        save_adapter_and_labels(run, setup)
         summary.update(evaluate(trainer, setup, run))
     _show_results(summary)
     return summary
 
 
-def save_adapter(run: RunDir, setup: ClassifySetup) -> None:
-    """adapter/ (LoRA + head safetensors, tokenizer, label names), swapped in whole; by rank 0 only."""
-    if not run.writer:
-        return
+def save_adapter_and_labels(run: RunDir, setup: ClassifySetup) -> None:
+    """adapter/ with the label names, which peft's adapter files do not carry."""
     labels = setup.data.labels
-    with atomic_dir(run.adapter_path) as folder:
-        setup.model.save_pretrained(folder)
-        setup.tokenizer.save_pretrained(folder)
-        atomic_write_json(folder / LABELS_FILE, {"id2label": dict(enumerate(labels)),
-                                                 "label2id": {name: i for i, name in enumerate(labels)}})
+    save_adapter(run, setup.model, setup.tokenizer, {LABELS_FILE: {
+        "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}})
 
 
 def evaluate(trainer: Trainer, setup: ClassifySetup, run: RunDir) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from peftlab.config import Recipe
 from peftlab.distributed import trainer_strategy_arguments
 from peftlab.metrics import lower_is_better
 from peftlab.reliability import carried_state, checkpoint_args, train_resumable
-from peftlab.runs import RunDir
+from peftlab.runs import RunDir, atomic_dir, atomic_write_json
 from peftlab.watch.guard import RunContext
 from peftlab.watch.memory import memory_kind
 from peftlab.watch.monitor import BatchCounter
@@ -121,6 +121,17 @@ def train_counted(trainer: Any, recipe: Recipe, resume_from: Path | None, second
     result = train_resumable(trainer, recipe.train, resume_from,
                              carry=lambda: {"counter": trainer.counter.as_dict(), "runtime_s": time.perf_counter() - start})
     return result, time.perf_counter() - start
+
+
+def save_adapter(run: RunDir, model: Any, tokenizer: Any, extra_json: dict[str, Any] | None = None) -> None:
+    """adapter/ (LoRA weights as safetensors, tokenizer, any extra JSON files), swapped in whole; by rank 0 only."""
+    if not run.writer:
+        return
+    with atomic_dir(run.adapter_path) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for name, data in (extra_json or {}).items():
+            atomic_write_json(folder / name, data)
 
 
 def run_context(recipe: Recipe) -> RunContext:

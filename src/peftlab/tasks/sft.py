@@ -22,12 +22,13 @@ from peftlab.data.instructions import InstructionData, build_instruction_data, r
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES
 from peftlab.reliability import TrainingInterrupted
-from peftlab.runs import RunDir, atomic_dir, atomic_write_text
+from peftlab.runs import RunDir, atomic_write_text
 from peftlab.tasks.common import (
     CountsBatches,
     announce,
     resumed_counter,
     run_context,
+    save_adapter,
     throughput,
     train_counted,
     trainer_arguments,
@@ -127,23 +128,14 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     try:
         result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
     except TrainingInterrupted:
-        save_adapter(run, setup)
+        save_adapter(run, setup.model, setup.tokenizer)
         raise
     summary = throughput(trainer, counter, runtime, result.training_loss)
     summary.update(peak_memory_all_ranks())
     summary.update(_evaluate(trainer, setup.data))
-    save_adapter(run, setup)
+    save_adapter(run, setup.model, setup.tokenizer)
     write_samples(run, recipe, setup.model, setup.tokenizer)
     return summary
-
-
-def save_adapter(run: RunDir, setup: SftSetup) -> None:
-    """adapter/ (safetensors + tokenizer), swapped in whole; by rank 0 only."""
-    if not run.writer:
-        return
-    with atomic_dir(run.adapter_path) as folder:
-        setup.model.save_pretrained(folder)
-        setup.tokenizer.save_pretrained(folder)
 
 
 def _announce(recipe: Recipe, setup: SftSetup) -> None:
