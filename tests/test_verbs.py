@@ -34,6 +34,7 @@ INTERRUPT_AT = 2
 SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 # What each task's runs must show in `runs` and `compare`: its key metric.
 KEY_METRIC = {"sft": "eval_loss", "classify": "test_accuracy", "diffusion": "final_train_loss"}
+SAMPLES = {"sft": 'id="generations"', "classify": 'id="confusion"', "diffusion": 'id="sample-images"'}
 OBJECTIVE = {"sft": "eval_loss", "classify": "eval_f1", "diffusion": "final_train_loss"}  # sweep.metric (classify's recipe sets it)
 
 
@@ -177,11 +178,13 @@ def test_compare_report_runs_and_watch(trained, world, task, capsys) -> None:
 
     page = Path(runs_dir) / f"report-{task}.html"
     code, _ = world.peftlab("report", task, "--output", str(page), "--runs-dir", runs_dir)
-    assert code == 0 and 'id="samples"' in page.read_text()
+    assert code == 0 and SAMPLES[task] in page.read_text()  # the report block the task declares
 
+    capsys.readouterr()
     code, _ = world.peftlab("runs", "--task", task, "--json", "--runs-dir", runs_dir)
     entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
     assert code == 0 and KEY_METRIC[task] in entries[task]["key_metrics"]
 
+    capsys.readouterr()
     code, _ = world.peftlab("watch", task, "--runs-dir", runs_dir)
     assert code == 0 and "run completed" in capsys.readouterr().out
