@@ -70,9 +70,10 @@ def check_sweepable(recipe: Recipe) -> list[str]:
     validated = metric.startswith("eval_")  # eval_* metrics come from the validation set, the others from training
     if validated and recipe.data.eval_fraction == 0:
         raise PeftlabError(f"sweep.metric {metric} needs a validation set; fix: set data.eval_fraction > 0")
-    if s.pruner != "none" and not (validated and recipe.train.eval_steps):
-        when = "train.eval_steps is not set: trials are evaluated" if validated else f"{metric} is known"
-        return [f"{when} only at their end, so none can be pruned"]
+    if s.pruner != "none" and not validated:
+        return [f"{metric} is known only at a trial's end, so no trial can be pruned"]
+    if s.pruner != "none" and not recipe.train.eval_steps:
+        return ["train.eval_steps is not set: trials are evaluated only at their end, so none can be pruned"]
     return []
 
 

@@ -34,14 +34,17 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from peftlab.errors import PeftlabError
 
 if TYPE_CHECKING:
     from peftlab.config import TrainConfig
     from peftlab.engines.hooks import TrainingHooks
-    from peftlab.tasks.base import LossKind
+
+# What the engine optimises: token cross-entropy of a causal LM, a class per sequence, or a task's own
+# loss function (diffusion's noise prediction), called by the engine once per micro-batch.
+LossKind = Literal["causal_lm", "sequence_classification", "custom"]
 
 
 @dataclass

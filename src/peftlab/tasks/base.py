@@ -15,13 +15,10 @@ from peftlab.watch.monitor import BatchCounter
 
 if TYPE_CHECKING:
     from peftlab.config import Recipe
-    from peftlab.engines import EngineResult, TrainJob
+    from peftlab.engines import EngineResult, LossKind, TrainJob
     from peftlab.runs import RunDir
     from peftlab.watch.guard import RunContext
 
-# What the engine optimises: token cross-entropy of a causal LM, a class per sequence, or a task's own
-# loss function (diffusion's noise prediction), called by the engine once per micro-batch.
-LossKind = Literal["causal_lm", "sequence_classification", "custom"]
 # Blocks of the report's samples section (rendered by report/html.py from the files a task's runs write).
 SampleBlock = Literal["generations", "confusion_matrix", "images"]
 

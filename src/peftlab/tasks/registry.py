@@ -6,17 +6,16 @@ The registration lines are in peftlab/tasks/__init__.py, which Python runs befor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from peftlab.errors import PeftlabError, did_you_mean
 
-if TYPE_CHECKING:
-    from peftlab.tasks.base import Task
+# name -> an instance of a tasks.base.Task subclass. Typed Any: naming Task here would tie this leaf (which
+# config.py reads) to the interface module, which names the recipe and engine types in turn.
+_TASKS: dict[str, Any] = {}
 
-_TASKS: dict[str, Task] = {}
 
-
-def register_task(name: str, task_class: type[Task]) -> None:
+def register_task(name: str, task_class: type) -> None:
     """Make `recipe.task: name` mean `task_class` for every command (peft's register_peft_method, for tasks)."""
     if name in _TASKS:
         raise ValueError(f"task '{name}' is already registered")
@@ -29,8 +28,8 @@ def task_names() -> tuple[str, ...]:
     return tuple(_TASKS)
 
 
-def get_task(name: str) -> Task:
-    """The declaration of task `name`; an unknown name is a one-line error."""
+def get_task(name: str) -> Any:
+    """The declaration (a tasks.base.Task) of task `name`; an unknown name is a one-line error."""
     if name not in _TASKS:
         raise PeftlabError(f"task '{name}': unknown; {did_you_mean(name, _TASKS)}")
     return _TASKS[name]
