@@ -24,6 +24,10 @@ FORBIDDEN = {
 }
 
 
+# The bottom layer: what everything may use (one-line errors, redaction, the console), importing nothing above it.
+BOTTOM = {"peftlab.errors", "peftlab.secrets", "peftlab.watch.console"}
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -109,3 +113,8 @@ def test_layers_import_one_way() -> None:
              for layer, forbidden in FORBIDDEN.items()
              if (module == layer or module.startswith(layer + ".")) and target.startswith(forbidden)]
     assert not wrong, "; ".join(wrong)
+
+
+def test_the_bottom_layer_imports_only_itself() -> None:
+    edges = graph()
+    assert {module: edges[module] - BOTTOM for module in BOTTOM} == {module: set() for module in BOTTOM}

@@ -8,16 +8,18 @@ the adapter on interrupt, and the summary fields.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from peftlab.config import Recipe
-from peftlab.engines import resolve_engine
+from peftlab.engines import Engine, resolve_engine
 from peftlab.engines.hooks import Listener, TrainingHooks
 from peftlab.reliability import TrainingInterrupted, carried_state
 from peftlab.runs import RunDir
-from peftlab.tasks import Prepared, get_task
+from peftlab.secrets import redact
+from peftlab.tasks import Prepared, Task, get_task
 from peftlab.tracking import Tracker, environment, plan
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import HealthGuard
@@ -33,11 +35,13 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     if tracking.note:
         say(f"note: {tracking.note}")
     prepared = task.prepare(recipe, run)
+    if tracking.note:
+        prepared.summary["notes"] = [*prepared.summary.get("notes", []), tracking.note]
     engine = resolve_engine(recipe.train.engine, prepared.job)
     carried = carried_state(resume_from)
     prepared.counter = prepared.counter_class(**carried.get("counter", {}))
     guard = HealthGuard(prepared.context, recipe.watch.patience) if recipe.watch.guard else None
-    tracker = Tracker(tracking, run, recipe.to_dict())
+    tracker = Tracker(tracking, run, json.loads(redact(json.dumps(recipe.to_dict()))))  # as config.yaml: no secrets
     hooks = TrainingHooks(run, prepared.counter, guard, Progress("train", show_progress), tracker, listeners,
                           carried.get("runtime_s", 0.0))
     run.update_summary(engine=engine.name, **prepared.summary)
@@ -50,7 +54,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
             tracker.finish()
 
 
-def _train_and_finish(task: Any, run: RunDir, prepared: Prepared, engine: Any, hooks: TrainingHooks,
+def _train_and_finish(task: Task, run: RunDir, prepared: Prepared, engine: Engine, hooks: TrainingHooks,
                       resume_from: Path | None) -> dict[str, Any]:
     try:
         result = engine.train(prepared.job, hooks, resume_from)

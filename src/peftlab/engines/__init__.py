@@ -81,7 +81,9 @@ class EngineResult:
     runtime_s: float  # training seconds, over all sessions
     final_train_loss: float | None  # of the last logging window
     mean_train_loss: float | None
-    evaluate: Callable[[Any, str], dict[str, float]] | None = None  # (dataset, prefix) -> {prefix_loss: ...}
+    # (dataset, prefix) -> {f"{prefix}_loss": mean loss over the dataset (causal_lm: per trained token), ...}
+    evaluate: Callable[[Any, str], dict[str, float]] | None = None
+    # (dataset, prefix) -> logits, label ids and metrics: f"{prefix}_loss" plus job.compute_metrics' keys, prefixed
     predict: Callable[[Any, str], Prediction] | None = None
     fields: dict[str, Any] = field(default_factory=dict)  # engine-specific summary fields
 

@@ -242,6 +242,7 @@ class AccelerateLoop:
                                        gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available())
         self.losses: list[torch.Tensor] = []
         self.logged = 0  # micro-batches at the previous record
+        self.final_loss: float | None = None  # of the last logging window
 
     def run(self, resume_from: Path | None) -> EngineResult:
         from transformers import get_scheduler
@@ -271,7 +272,7 @@ class AccelerateLoop:
         accelerator, t, hooks = self.accelerator, self.job.train, self.hooks
         model.train()
         hooks.train_begin(steps, step)
-        self.final_loss, grad_norm = None, None
+        grad_norm = None
         try:
             for batch in _forever(loader, skip=step * t.grad_accum):
                 with accelerator.accumulate(model):
