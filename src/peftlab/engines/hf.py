@@ -154,15 +154,20 @@ def check_labels_reach_model(trainer: Trainer, num_labels: int) -> None:
         )
 
 
+def sft_config(t: TrainConfig, seed: int, output_dir: Path, precision: str, max_length: int | None) -> SFTConfig:
+    """trl's arguments for a causal-LM job: the common ones plus packing-free padding and truncation."""
+    return SFTConfig(**trainer_arguments(t, seed, output_dir, precision), padding_free=t.padding_free,
+                     max_length=None if t.padding_free else max_length)
+
+
 def build_trainer(job: TrainJob, hooks: TrainingHooks) -> Trainer:
     common = dict(model=job.model, train_dataset=job.train_dataset, eval_dataset=job.eval_dataset,
                   processing_class=job.tokenizer, hooks=hooks, callbacks=[HooksCallback(hooks)])
-    args = trainer_arguments(job.train, job.seed, job.checkpoints, job.precision)
     if job.loss_kind == "causal_lm":
-        t = job.train
-        trainer = CountingSFTTrainer(args=SFTConfig(**args, padding_free=t.padding_free,
-                                                    max_length=None if t.padding_free else job.max_length), **common)
+        args = sft_config(job.train, job.seed, job.checkpoints, job.precision, job.max_length)
+        trainer = CountingSFTTrainer(args=args, **common)
     else:
+        args = trainer_arguments(job.train, job.seed, job.checkpoints, job.precision)
         trainer = CountingTrainer(args=TrainingArguments(**args), data_collator=job.collator,
                                   compute_metrics=job.compute_metrics, **common)
         check_labels_reach_model(trainer, job.model.config.num_labels)
