@@ -92,8 +92,7 @@ def sample(trial: Any, space: dict[str, SearchParam]) -> dict[str, Any]:
 
 class PruningCallback:
     """Reports each evaluation during training to the trial; stops training when the pruner says so.
-    A listener of the training hooks (engines/hooks.py), so it prunes under every engine; the on_* methods
-    are the same listener in TrainerCallback form."""
+    A listener of the training hooks (engines/hooks.py), so it prunes under every engine."""
 
     def __init__(self, trial: Any, metric: str) -> None:
         self.trial, self.metric = trial, metric
@@ -116,16 +115,6 @@ class PruningCallback:
             self.pruned = (step, value)
             return True
         return False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.train_begun()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.train_ended()
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.evaluated(state.global_step, metrics or {}):
-            control.should_training_stop = True
 
 
 def storage(url: str | None, folder: Path) -> Any:
