@@ -57,7 +57,7 @@ class Task:
     name: str  # set by register_task
     columns: ClassVar[tuple[str, ...]]  # our data field names; data.columns maps them to the user's columns
     loss_kind: ClassVar[LossKind]
-    objectives: ClassVar[tuple[str, ...]]  # summary keys a sweep may optimise, the default (sweep.metric: auto) first
+    objectives: ClassVar[tuple[str, ...]]  # summary keys a sweep may optimise; the first is the default
     view: ClassVar[TaskView] = DEFAULT_VIEW
     samples: ClassVar[tuple[SampleBlock, ...]] = ()  # the report blocks its runs fill
 
