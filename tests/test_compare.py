@@ -166,6 +166,6 @@ def test_compare_command(make_run, runs_dir):
     table = subprocess.run([*cli, "lora", "qlora"], capture_output=True, text=True, check=True).stdout
     assert "vs baseline lora" in table and "faster" in table
     bad = subprocess.run([*cli, "lora", "--format", "xml"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "error: --format 'xml'" in bad.stdout
+    assert bad.returncode == 2 and "error: --format 'xml'" in bad.stderr
     missing = subprocess.run([*cli, "lora", "nope"], capture_output=True, text=True)
-    assert missing.returncode == 2 and "run 'nope' not found" in missing.stdout
+    assert missing.returncode == 2 and "run 'nope' not found" in missing.stderr

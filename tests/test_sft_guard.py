@@ -67,7 +67,7 @@ def test_all_masked_data_fails_the_cli_run_with_exit_3(tmp_path, fast_sets, tiny
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data.max_length" in errors[0]
     summary = json.loads((runs / "masked" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == "health guard"
