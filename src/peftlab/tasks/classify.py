@@ -41,7 +41,7 @@ from peftlab.tasks.common import (
 )
 from peftlab.watch.console import Progress, print_table, say
 from peftlab.watch.epochs import EpochCallback
-from peftlab.watch.guard import HealthGuard, RunContext
+from peftlab.watch.guard import HealthGuard, RunContext, guard_for
 from peftlab.watch.monitor import BatchCounter, MonitorCallback
 
 LABELS_FILE = "labels.json"  # in adapter/: id2label / label2id, which peft's adapter files do not carry
@@ -170,7 +170,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
                        attn_implementation=setup.context.attn_implementation, notes=setup.notes,
                        f1_definition=metrics.F1_DEFINITION)
     counter, seconds_before = resumed_counter(LabelCounter, resume_from)
-    guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
+    guard = guard_for(recipe.watch, setup.context)
     epochs = EpochCallback(run, counter)
     trainer = CountingTrainer(
         model=setup.model,
@@ -188,7 +188,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     with tracking.environment(track):
         try:
             result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
-        except TrainingInterrupted:
+        except (TrainingInterrupted, GuardFailure):  # what was learnt so far stays usable (and inspectable)
             save_adapter_and_labels(run, setup)
             raise
         summary = throughput(trainer, counter, runtime, result.training_loss)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from peftlab.config import Recipe
 from peftlab.data.images import ImageCaptions, ImageStats, build_image_data
-from peftlab.errors import PeftlabError
+from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt
 from peftlab.models import diffusion as sd
 from peftlab.models.precision import DTYPES, resolve_precision
@@ -31,7 +31,7 @@ from peftlab.report.grids import Grid
 from peftlab.runs import RunDir, atomic_dir
 from peftlab.tasks.common import resolve_optimizer
 from peftlab.watch.console import Progress, say
-from peftlab.watch.guard import HealthGuard, RunContext
+from peftlab.watch.guard import RunContext, guard_for
 from peftlab.watch.memory import current_memory, memory_kind, peak_memory, reset_peak_memory
 
 MODEL_TYPE = "sd-unet"
@@ -89,7 +89,7 @@ def build(recipe: Recipe, device: torch.device) -> DiffusionSetup:
         "weight_forecast_gib": sd.weight_forecast(breakdown, 4 if precision == "fp32" else 2),
     }
     attn = type(next(iter(unet.attn_processors.values()))).__name__
-    context = RunContext(MODEL_TYPE, precision, attn, recipe.train.lr, recipe.method.name)
+    context = RunContext(MODEL_TYPE, precision, attn, recipe.train.lr, recipe.method.name, recipe.method.quant.compute_dtype)
     params = adapt.ParamCount(*PeftModel.get_nb_trainable_parameters(unet))  # peft's count, 4-bit aware
     return DiffusionSetup(parts, data, stats, context, params, facts, notes)
 
@@ -261,8 +261,8 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     reset_peak_memory()
     try:
         summary = loop.run(unet, optimizer, loader, lr_scheduler, params, steps, Progress("train", show_progress))
-    except KeyboardInterrupt:
-        save_adapter(run, accelerator.unwrap_model(unet))  # what was learnt so far stays usable
+    except (KeyboardInterrupt, GuardFailure):
+        save_adapter(run, accelerator.unwrap_model(unet))  # what was learnt so far stays usable (and inspectable)
         raise
     summary.update(peak_memory())
     summary["latent_cache"] = loop.cache_report(cache)
@@ -299,7 +299,7 @@ class Loop:
 
     def __init__(self, recipe: Recipe, run: RunDir, setup: DiffusionSetup, accelerator: Any, cached: bool, kind: str):
         self.recipe, self.folder, self.setup, self.accelerator, self.cached, self.kind = recipe, run, setup, accelerator, cached, kind
-        self.guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
+        self.guard = guard_for(recipe.watch, setup.context)
         self.micro = self.images = 0
         self.encode_s = 0.0  # time in the VAE + text encoder, measured when not cached
         self.losses: list[torch.Tensor] = []

@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peftlab.config import Recipe
 from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
+from peftlab.errors import GuardFailure
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES
 from peftlab.reliability import TrainingInterrupted
@@ -34,7 +35,7 @@ from peftlab.tasks.common import (
     trainer_arguments,
 )
 from peftlab.watch.console import Progress, say
-from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
+from peftlab.watch.guard import RunContext, check_batch_labels, guard_for
 from peftlab.watch.memory import peak_memory_all_ranks, reset_peak_memory
 from peftlab.watch.monitor import BatchCounter, MonitorCallback
 
@@ -113,7 +114,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
                        attn_implementation=setup.context.attn_implementation, notes=setup.notes,
                        memory_estimate={**asdict(estimate), "total_gib": estimate.total_gib})
     counter, seconds_before = resumed_counter(BatchCounter, resume_from)
-    guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
+    guard = guard_for(recipe.watch, setup.context)
     trainer = CountingSFTTrainer(
         model=setup.model,
         args=training_arguments(recipe, run, setup.context.precision),
@@ -127,7 +128,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     reset_peak_memory()
     try:
         result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
-    except TrainingInterrupted:
+    except (TrainingInterrupted, GuardFailure):  # what was learnt so far stays usable (and inspectable)
         save_adapter(run, setup.model, setup.tokenizer)
         raise
     summary = throughput(trainer, counter, runtime, result.training_loss)

@@ -81,11 +81,12 @@ class MonitorCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" in logs:
+            trained_before = self.last.trained_tokens
             record = self._train_record(state, logs)
             self.run.append_metrics(record)
             self.progress.log(record)
-            if self.guard:
-                self.guard.check_log(state.global_step, logs)
+            if self.guard:  # the label tokens trained in this window tell a converged 0.0 from an all-masked one
+                self.guard.check_log(state.global_step, {**logs, "trained_tokens": self.last.trained_tokens - trained_before})
         elif "eval_loss" in logs:
             record = {"kind": "eval", "step": state.global_step, "epoch": state.epoch, "time": self._elapsed()}
             record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
