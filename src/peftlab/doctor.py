@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from peftlab.config import Recipe
-from peftlab.data.instructions import IGNORE_INDEX
+from peftlab.data.instructions import IGNORE_INDEX, adds_bos
 from peftlab.tasks.common import announce
 from peftlab.watch.console import say
 
@@ -22,6 +22,8 @@ GIB = 1024**3
 # a few such rows are normal, this many means max_length is wrong for the data.
 MAX_DROPPED_RATE = 0.05
 MAX_TRUNCATION_RATE = 0.2
+# A response-less row trains only the end-of-sequence token: a few are noise, many teach the model to stop at once.
+MAX_EMPTY_RATE = 0.05
 
 
 @dataclass
@@ -126,6 +128,15 @@ def run_doctor(recipe: Recipe) -> list[str]:
              f"{100 * MAX_DROPPED_RATE:.0f}%)",
              f"{s.dropped_fully_masked}/{s.rows} examples ({100 * dropped:.1f}%) have every label masked (prompt fills "
              "data.max_length) and are dropped: raise data.max_length")
+    empty = s.empty_responses / max(s.rows, 1)
+    up.check(empty <= MAX_EMPTY_RATE, f"{s.empty_responses}/{s.rows} responses empty ({100 * empty:.1f}% <= "
+             f"{100 * MAX_EMPTY_RATE:.0f}%)",
+             f"{s.empty_responses}/{s.rows} responses ({100 * empty:.1f}%) are empty and train the end-of-sequence token "
+             "alone: check data.columns.response")
+    first = setup.data.train[0]["input_ids"]
+    bos = setup.tokenizer.bos_token_id
+    up.check(not (len(first) > 1 and first[0] == first[1] == bos and adds_bos(setup.tokenizer)),
+             "prompts start with at most one BOS", "prompts start with <bos><bos>: drop the BOS from data.template")
     up.check(s.truncation_rate < MAX_TRUNCATION_RATE,
              f"truncation rate {100 * s.truncation_rate:.1f}% < {100 * MAX_TRUNCATION_RATE:.0f}%",
              f"{100 * s.truncation_rate:.1f}% of examples are truncated: raise data.max_length")

@@ -18,7 +18,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from peftlab.config import Recipe
-from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
+from peftlab.data.instructions import InstructionData, build_instruction_data, prompt_ids, render_prompt
 from peftlab.errors import GuardFailure
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES
@@ -157,13 +157,13 @@ def _evaluate(trainer: SFTTrainer, data: InstructionData) -> dict[str, Any]:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_tokens: int | None = None) -> str:
     text = render_prompt({"instruction": prompt, "context": ""}, recipe.data)
-    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    ids = torch.tensor([prompt_ids(text, tokenizer)], device=model.device)  # as training encoded it: one BOS
     model.eval()
     output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any) -> None:
