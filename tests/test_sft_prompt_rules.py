@@ -12,7 +12,6 @@ from tokenizers.processors import TemplateProcessing
 from peftlab.config import with_overrides
 from peftlab.data.instructions import adds_bos, build_instruction_data, encode, prompt_ids, render_prompt
 from peftlab.doctor import run_doctor
-from peftlab.errors import PeftlabError
 from peftlab.models import loader, presets
 from peftlab.tasks import sft
 
