@@ -34,7 +34,8 @@ def render_prompt(row: dict[str, Any], cfg: DataConfig) -> str:
 def prompt_ids(text: str, tokenizer: Any) -> list[int]:
     """Token ids of a rendered prompt, with the tokenizer's special tokens and at most one BOS: a template that
     starts with the BOS text (`<bos>...`) on a tokenizer that adds BOS itself would give `<bos><bos>`, which
-    the model never saw in pretraining (the double-BOS reports of trl and llama.cpp). Training, the doctor
+    the model never saw in pretraining (trl#1400 hit the same with chat templates and turned the tokenizer's
+    special tokens off; we keep them, so that a template without BOS still gets one). Training, the doctor
     and `generate` all encode prompts here."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
