@@ -133,3 +133,42 @@ def test_memory_advice_ranks_knobs_by_the_estimate(tiny_recipe):
     assert "train.gradient_checkpointing=true" in memory_advice(recipe, activations, error)
     assert first_fix(memory_advice(recipe, weights, error)).startswith("method.name=qlora")
     assert "estimate ~" not in memory_advice(recipe, None, error)  # no estimate recorded: still the knobs
+
+
+GOOD = '{"instruction": "i", "response": "r"}'
+MALFORMED = {  # file name -> (bytes, what the one error line must name)
+    "middle.jsonl": ("\n".join([GOOD, GOOD, '{"instruction": "i", "response: "r"}', GOOD]).encode(),
+                     ("line 3, column", "Expecting ':' delimiter")),
+    "list-row.jsonl": ("\n".join([GOOD, '["i", "r"]', GOOD]).encode(), ("line 2:", "a JSON list, not an object")),
+    "latin1.jsonl": (GOOD.encode() + b"\n" + '{"instruction": "caf\xe9", "response": "r"}'.encode("latin-1"),
+                     ("line 2:", "not UTF-8", "byte 0xe9")),
+    "document.json": (f'[{GOOD},\n {{"instruction" "i"}}\n]'.encode(), ("line 2, column", "Expecting ':' delimiter")),
+    "fields.csv": (b"instruction,response\ni,r\ni,r,extra\ni,r\n", ("line 3:", "3 fields, the header has 2")),
+    "garbage.parquet": (b"this is not parquet", ("Parquet magic bytes not found",)),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_data_files_name_the_file_line_and_problem(cli, runs_dir, fast_sets, tmp_path, name):
+    content, needles = MALFORMED[name]
+    source = tmp_path / name
+    source.write_bytes(content)
+    error = one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", f"data.source={source}",
+                                "--runs-dir", str(runs_dir), "--name", "bad"),
+                           f"data.source '{source}'", "cannot parse it as", "fix:", *needles)
+    assert "An error occurred while generating the dataset" not in error
+
+
+def test_malformed_image_captions_name_the_line(tmp_path):
+    from peftlab.config import DataConfig
+    from peftlab.data.images import load_image_table
+    from peftlab.errors import PeftlabError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "1.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "1.png", "text": "ok"}\n{"file_name": "1.png" "text": "x"}\n')
+    with pytest.raises(PeftlabError, match=r"metadata\.jsonl: line 2, column .*Expecting ','"):
+        load_image_table(DataConfig(source=str(folder)))

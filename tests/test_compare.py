@@ -166,6 +166,30 @@ def test_compare_command(make_run, runs_dir):
     table = subprocess.run([*cli, "lora", "qlora"], capture_output=True, text=True, check=True).stdout
     assert "vs baseline lora" in table and "faster" in table
     bad = subprocess.run([*cli, "lora", "--format", "xml"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "error: --format 'xml'" in bad.stdout
+    assert bad.returncode == 2 and "error: --format 'xml'" in bad.stderr
     missing = subprocess.run([*cli, "lora", "nope"], capture_output=True, text=True)
-    assert missing.returncode == 2 and "run 'nope' not found" in missing.stdout
+    assert missing.returncode == 2 and "run 'nope' not found" in missing.stderr
+
+
+def test_runs_of_other_tasks_are_shown_but_never_compared(make_run, runs_dir):
+    sft = make_run("sft", {"runtime_s": 100.0, "final_train_loss": 2.4, "eval_loss": 2.5})
+    sft2 = make_run("sft2", {"runtime_s": 50.0, "final_train_loss": 1.2, "eval_loss": 1.5})
+    cls = make_run("cls", {"task": "classify", "runtime_s": 40.0, "final_train_loss": 0.5, "test_accuracy": 0.9})
+    diff = make_run("diff", {"task": "diffusion", "runtime_s": 60.0, "final_train_loss": 0.12, "it_per_s": 0.7})
+    comp = compare([sft, cls, diff, sft2])
+    by_run = {r["run"]: r for r in comp.rows}
+    for other in ("cls", "diff"):  # the "final loss -95%" of an SFT loss against a diffusion loss, and the speedups
+        assert all(value is None for value in by_run[other]["vs"].values()), other
+        assert by_run[other]["final_train_loss"] is not None  # still shown, side by side
+    assert by_run["sft2"]["vs"]["speedup"] == pytest.approx(2.0)  # the same task is compared as before
+    assert by_run["sft2"]["vs"]["final_train_loss_delta"] == pytest.approx(-1.2)
+    assert [line.split(" vs ")[0] for line in verdicts(comp)] == ["sft2"]
+    [note] = comp.notes
+    assert "cls (classify)" in note and "diff (diffusion)" in note and "sft (sft)" in note
+    for fmt in ("markdown", "json"):
+        assert note in render(comp, fmt) or json.dumps(note) in render(comp, fmt)
+    assert not compare([sft, sft2]).notes
+
+    cli = [sys.executable, "-m", "peftlab", "compare", "--runs-dir", str(runs_dir)]
+    table = subprocess.run([*cli, "sft", "cls", "diff"], capture_output=True, text=True, check=True).stdout
+    assert "-95" not in table and "note: not compared with baseline sft (sft), another task" in table

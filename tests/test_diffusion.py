@@ -215,4 +215,5 @@ def test_health_guard_stops_a_diverging_run(tmp_path):
         run_recipe(tiny({"train.lr": 1e6, "train.max_steps": 6, "eval.prompts": []}), tmp_path, "boom", show_progress=False)
     summary = json.loads((tmp_path / "boom" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == "health guard"
-    assert not (tmp_path / "boom" / "adapter").exists()  # a diverged adapter is not saved
+    # issue 12 item 2: any guard stop saves the adapter first (the state it stopped in, for inspection)
+    assert (tmp_path / "boom" / "adapter").is_dir() and summary["adapter"] == str(tmp_path / "boom" / "adapter")

@@ -145,7 +145,7 @@ def test_runs_command(make_run, runs_dir, tmp_path):
     assert "eval loss 1.5000" in table and "key metric" in table
     gone = subprocess.run([sys.executable, "-m", "peftlab", "runs", "--runs-dir", str(tmp_path / "nope")],
                           capture_output=True, text=True)
-    assert gone.returncode == 2 and "does not exist" in gone.stdout
+    assert gone.returncode == 2 and "does not exist" in gone.stderr
 
 
 def test_a_broken_index_never_fails_a_training_run(make_run, runs_dir, capsys):

@@ -156,4 +156,4 @@ def test_report_command(report_runs, runs_dir, tmp_path):
     assert f"report: {out}" in done.stdout and "baseline sft-qlora" in out.read_text(encoding="utf-8")
     missing = subprocess.run([sys.executable, "-m", "peftlab", "report", "nope", "--runs-dir", str(runs_dir)],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "error: run 'nope' not found" in missing.stdout
+    assert missing.returncode == 2 and "error: run 'nope' not found" in missing.stderr

@@ -125,3 +125,48 @@ def test_remote_code_never_runs_unless_the_recipe_allows_it(tmp_path):
     with pytest.raises(PeftlabError, match="model.trust_remote_code"):
         loader.load_model_config(ModelConfig(source=str(folder)))
     assert not marker.exists()
+
+
+STRUCTURAL = {  # credential words in structural fields: redacting any of them would break the recipe
+    "data.template": "Auth token: {instruction}\nPassword: {context}\n### Response:\n",
+    "data.context_block": "secret=context {context}\n",
+    "data.columns": {"response": "api_key: answer"},
+    "data.source": "data/token=abcdefgh/rows.jsonl",
+    "data.classify.labels": ["password: forgotten", "card_arrival"],
+    "model.source": "models/passwd=abcdefgh",
+}
+
+
+def test_redaction_never_changes_a_structural_field(tiny_recipe, runs_dir):
+    from peftlab.config import with_overrides
+
+    recipe = with_overrides(tiny_recipe(), STRUCTURAL)
+    run = RunDir.create(runs_dir, "structural", recipe)
+    saved = load_recipe(str(run.config_path))
+    assert saved == recipe  # the recipe round-trips exactly: --resume and generate read this file
+    assert "Auth token: {instruction}" in run.config_path.read_text()
+
+
+def test_secrets_in_prose_fields_are_redacted_and_in_structural_ones_refused(tiny_recipe, runs_dir, monkeypatch):
+    from peftlab.config import with_overrides
+
+    hf = random_token("hf_", 34)
+    run = RunDir.create(runs_dir, "prose", with_overrides(tiny_recipe(), {"eval.prompts": [f"use {hf} please"]}))
+    assert "use <redacted> please" in run.config_path.read_text() and hf not in run.config_path.read_text()
+    with pytest.raises(PeftlabError, match=r"^data\.source: holds a secret .*fix: pass credentials through the environment"):
+        RunDir.create(runs_dir, "structural", with_overrides(tiny_recipe(), {"data.source": f"https://u:{hf}@host/x.jsonl"}))
+    assert not (runs_dir / "structural").exists()
+
+
+def test_a_template_with_credential_words_trains_resumes_and_generates(cli, runs_dir, fast_sets):
+    template = "Auth token: {instruction}\n### Response:\n"
+    sets = [*fast_sets, "--set", f"data.template={json.dumps(template)}", "--set", "train.save_steps=3"]
+    code, lines = cli("train", "tiny-gemma2-dolly", *sets, "--runs-dir", str(runs_dir), "--name", "auth")
+    assert code == 0, lines[-3:]
+    assert load_recipe(str(runs_dir / "auth" / "config.yaml")).data.template == template
+    code, lines = cli("generate", "auth", "--prompt", "Name a color.", "--max-new-tokens", "2", "--runs-dir", str(runs_dir))
+    assert code == 0, lines[-3:]
+    # --resume compares the given recipe with config.yaml first: it must pass that check (and then stop
+    # only because this run is complete), not refuse the recipe as "differs from the one the run was started with"
+    code, lines = cli("train", "tiny-gemma2-dolly", *sets, "--resume", "auth", "--runs-dir", str(runs_dir))
+    assert code == 2 and len(lines) == 1 and "already completed" in lines[0], lines

@@ -69,7 +69,7 @@ def test_all_masked_data_fails_the_cli_run_with_exit_3(tmp_path, fast_sets, tiny
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data.max_length" in errors[0]
     summary = json.loads((runs / "masked" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == "health guard"
@@ -97,4 +97,5 @@ def test_planted_nan_stops_within_the_first_logging_steps(tiny_recipe, runs_dir,
     stopped_at = int(summary["diagnosis"].split(":")[0].removeprefix("step "))
     assert stopped_at == records[-1]["step"] <= 2 * recipe.train.logging_steps
     assert records[-1]["loss"] == "nan"  # metrics.jsonl keeps the raw value (as a string: JSON has no NaN)
-    assert not (run.adapter_path / "adapter_model.safetensors").exists()
+    # issue 12 item 2: any guard stop saves the adapter first (here the poisoned one: the state it stopped in)
+    assert (run.adapter_path / "adapter_model.safetensors").is_file() and summary["adapter"] == str(run.adapter_path)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from peftlab.errors import PeftlabError
-from peftlab.watch.console import harden_stdio, print_table, say
+from peftlab.watch.console import harden_stdio, print_table, say, say_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA / QLoRA fine-tuning experiments: recipes, run folders, a health guard, comparisons.")
@@ -21,6 +21,21 @@ RecipeArg = Annotated[str, typer.Argument(help="built-in recipe name (see `peftl
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe field, e.g. --set train.lr=1e-4")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="where run folders go")]
 DEFAULT_RUNS = Path(os.environ.get("PEFTLAB_RUNS", "runs"))
+USAGE_EXIT = 2
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from peftlab import __version__
+
+        say(f"peftlab {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                   help="print the version and exit")] = False) -> None:
+    """LoRA / QLoRA fine-tuning experiments: recipes, run folders, a health guard, comparisons."""
 
 
 def quiet_libraries() -> None:
@@ -307,12 +322,24 @@ def demo(runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
         "fallback, so these speed and memory ratios are not GPU figures (see bench/README.md for H100 numbers)")
 
 
+def usage_error(exc: typer.TyperException) -> int:
+    """click's usage errors (unknown flag or command, missing argument, flag without value) as one `error:`
+    line on stderr. typer vendors click and exports no UsageError: the exception carries its message and code."""
+    message = exc.format_message().strip().rstrip(".").replace("\n", " ")
+    if not message:  # bare `peftlab`: the help was already printed
+        return USAGE_EXIT
+    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    where = " ".join(["peftlab", *[arg for arg in sys.argv[1:] if arg in names][:1]])
+    say_error(f"error: {where}: {message}; fix: see `{where} --help`")
+    return getattr(exc, "exit_code", USAGE_EXIT) or USAGE_EXIT
+
+
 def main() -> None:
     harden_stdio()
     try:
         code = app(standalone_mode=False)
     except PeftlabError as exc:
-        say(f"error: {exc}")
+        say_error(f"error: {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         from peftlab.runner import INTERRUPTED_EXIT
@@ -321,13 +348,8 @@ def main() -> None:
         sys.exit(INTERRUPTED_EXIT)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    except typer.TyperException as exc:  # usage errors
+        sys.exit(usage_error(exc))
     # typer turns Ctrl-C (and our TrainingInterrupted) into `return 130` when not standalone.
     if isinstance(code, int) and code:
         sys.exit(code)

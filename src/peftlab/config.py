@@ -223,6 +223,10 @@ class WatchConfig(Section):
     guard: bool = True
     # Logging steps in a row that must look broken before the guard stops the run.
     patience: int = Field(1, gt=0)
+    divergence_factor: float | None = Field(
+        10.0, gt=1.0, description="stop when the last divergence_window logged losses are all above this x the lowest "
+                                  "of the first divergence_window; null = never")
+    divergence_window: int = Field(5, gt=0, description="logged losses in each window of the divergence rule")
 
 
 class SearchParam(Section):

@@ -88,7 +88,8 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
         with terminate_as_interrupt():
             results = train(recipe, run, show_progress=show_progress, resume_from=resume_from, listeners=listeners)
     except GuardFailure as exc:
-        run.update_summary(**finish_fields("failed", "health guard"), diagnosis=str(exc))
+        saved = {"adapter": str(run.adapter_path)} if run.adapter_path.is_dir() else {}
+        run.update_summary(**finish_fields("failed", "health guard"), diagnosis=str(exc), **saved)
         raise
     except PeftlabError as exc:
         run.update_summary(**finish_fields("failed", "bad input"), diagnosis=str(exc))

@@ -23,16 +23,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
-from peftlab.secrets import redact
+from peftlab.secrets import redact, redact_recipe
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "diffusers", "peftlab")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file + rename; secrets (tokens, API keys) are redacted on the way."""
-    text = redact(text)
+def atomic_write_text(path: Path, text: str, redacted: bool = False) -> None:
+    """Write via a temporary file + rename; secrets (tokens, API keys) are redacted on the way, unless the
+    caller has `redacted` the text itself (a recipe: see secrets.redact_recipe)."""
+    text = text if redacted else redact(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -150,6 +153,7 @@ class RunDir:
     @classmethod
     def create(cls, runs_dir: Path, name: str, recipe: Recipe, overwrite: bool = False) -> RunDir:
         path = Path(runs_dir) / sanitize_name(name)
+        config = yaml.safe_dump(redact_recipe(recipe.to_dict()), sort_keys=False, allow_unicode=True)
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 status = cls(path).summary().get("status", "unknown")
@@ -161,7 +165,7 @@ class RunDir:
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
-        atomic_write_text(run.config_path, recipe.to_yaml())
+        atomic_write_text(run.config_path, config, redacted=True)
         run.write_summary({"status": "running", "started_at": _now(), "config_hash": recipe.config_hash()})
         return run
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
+
+from peftlab.errors import PeftlabError
 
 REDACTED = "<redacted>"
 
@@ -47,10 +50,44 @@ def secret_env_values() -> dict[str, str]:
     return dict(sorted(found.items(), key=lambda item: -len(item[1])))
 
 
-def redact(text: str) -> str:
-    """`text` with every known secret replaced by a marker naming where it came from, never its value."""
+def redact_secrets(text: str) -> str:
+    """`text` with the values that are secrets by themselves (credential environment values, token shapes,
+    passwords in URLs) replaced by a marker naming where they came from, never the value."""
     for name, value in secret_env_values().items():
         if value in text:
             text = text.replace(value, f"<redacted:{name}>")
-    text = TOKEN_PATTERNS.sub(REDACTED, text)
-    return KEY_VALUE.sub(lambda match: match.group(1) + REDACTED, text)
+    return TOKEN_PATTERNS.sub(REDACTED, text)
+
+
+def redact(text: str) -> str:
+    """Free text (logs, errors, metrics): `redact_secrets`, plus any value that follows a credential word
+    (`password=...`, `Bearer ...`): in free text there is no telling what else that value could be."""
+    return KEY_VALUE.sub(lambda match: match.group(1) + REDACTED, redact_secrets(text))
+
+
+# Recipe fields that are prose, where a pasted secret is redacted; every other field is structure
+# (templates, columns, paths, labels, names of things) and must be saved exactly, or the saved recipe
+# would no longer train, resume or generate the same way.
+FREE_TEXT_FIELDS = ("name", "eval.prompts", "tracking.project")
+
+
+def redact_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict (Recipe.to_dict()) as a run folder may store it: secrets in prose fields redacted,
+    structural fields kept byte for byte. Raises PeftlabError when a structural field holds a secret,
+    since it can be neither written nor changed."""
+    return _redact_tree(data, "")
+
+
+def _redact_tree(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_tree(v, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_tree(v, key) for v in value]
+    if not isinstance(value, str) or redact_secrets(value) == value:
+        return value
+    if key in FREE_TEXT_FIELDS:
+        return redact_secrets(value)
+    raise PeftlabError(
+        f"{key}: holds a secret ({redact_secrets(value)}), and a run folder stores the recipe exactly but never a "
+        "secret; fix: pass credentials through the environment (HF_TOKEN, ~/.netrc), not the recipe"
+    )

@@ -8,7 +8,6 @@ the adapter on interrupt, and the summary fields.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,14 @@ from typing import Any
 from peftlab.config import Recipe
 from peftlab.engines import Engine, resolve_engine
 from peftlab.engines.hooks import Listener, TrainingHooks
+from peftlab.errors import GuardFailure
 from peftlab.reliability import TrainingInterrupted, carried_state
 from peftlab.runs import RunDir
-from peftlab.secrets import redact
+from peftlab.secrets import redact_recipe
 from peftlab.tasks import Prepared, Task, get_task
 from peftlab.tracking import Tracker, environment, plan
 from peftlab.watch.console import Progress, say
-from peftlab.watch.guard import HealthGuard
+from peftlab.watch.guard import guard_for
 from peftlab.watch.memory import memory_kind, peak_memory_all_ranks, reset_peak_memory
 
 
@@ -40,8 +40,8 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     engine = resolve_engine(recipe.train.engine, prepared.job)
     carried = carried_state(resume_from)
     prepared.counter = prepared.counter_class(**carried.get("counter", {}))
-    guard = HealthGuard(prepared.context, recipe.watch.patience) if recipe.watch.guard else None
-    tracker = Tracker(tracking, run, json.loads(redact(json.dumps(recipe.to_dict()))))  # as config.yaml: no secrets
+    guard = guard_for(recipe.watch, prepared.context)
+    tracker = Tracker(tracking, run, redact_recipe(recipe.to_dict()))  # as config.yaml: no secrets
     hooks = TrainingHooks(run, prepared.counter, guard, Progress("train", show_progress), tracker, listeners,
                           carried.get("runtime_s", 0.0))
     run.update_summary(engine=engine.name, **prepared.summary)
@@ -58,8 +58,8 @@ def _train_and_finish(task: Task, run: RunDir, prepared: Prepared, engine: Engin
                       resume_from: Path | None) -> dict[str, Any]:
     try:
         result = engine.train(prepared.job, hooks, resume_from)
-    except TrainingInterrupted:
-        task.save(run, prepared)  # what was learnt so far stays usable
+    except (TrainingInterrupted, GuardFailure):
+        task.save(run, prepared)  # what was learnt so far stays usable (and, after a guard stop, inspectable)
         raise
     summary = {"runtime_s": round(result.runtime_s, 3), "steps": result.steps, "epochs": result.epochs,
                "steps_per_s": round(result.steps / result.runtime_s, 4), **prepared.counter.summary(result.runtime_s),

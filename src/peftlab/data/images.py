@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from peftlab.config import DataConfig, ImageDataConfig
-from peftlab.data.sources import map_columns
+from peftlab.data.sources import first_bad_line, map_columns, root_cause
 from peftlab.errors import PeftlabError, did_you_mean
 
 BUNDLED_IMAGES = {"vangogh": "vangogh"}
@@ -66,9 +66,12 @@ def _imagefolder(folder: Path, source: str) -> Any:
     try:
         table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     except Exception as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
-        raise PeftlabError(f"data.source '{source}': cannot read it as an imagefolder ({first}); fix: check that every "
-                           "file_name in metadata.jsonl exists and is an image") from None
+        bad = first_bad_line(folder / "metadata.jsonl", "json")
+        if bad:
+            raise PeftlabError(f"data.source '{source}': cannot parse {folder / 'metadata.jsonl'}: {bad}; "
+                               "fix: correct or remove that line") from None
+        raise PeftlabError(f"data.source '{source}': cannot read it as an imagefolder ({root_cause(exc)}); fix: check "
+                           "that every file_name in metadata.jsonl exists and is an image") from None
     if len(table) == 0:
         raise PeftlabError(f"data.source '{source}': the folder holds no captioned images")
     return table

@@ -31,17 +31,37 @@ def render_prompt(row: dict[str, Any], cfg: DataConfig) -> str:
         ) from None
 
 
+def prompt_ids(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of a rendered prompt, with the tokenizer's special tokens and at most one BOS: a template that
+    starts with the BOS text (`<bos>...`) on a tokenizer that adds BOS itself would give `<bos><bos>`, which
+    the model never saw in pretraining (trl#1400 hit the same with chat templates and turned the tokenizer's
+    special tokens off; we keep them, so that a template without BOS still gets one). Training, the doctor
+    and `generate` all encode prompts here."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos and adds_bos(tokenizer):
+        return ids[1:]
+    return ids
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding puts BOS in front by itself (Gemma, Llama do; GPT-2 does not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
 def encode(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> dict[str, Any]:
-    prompt_ids = tokenizer(render_prompt(row, cfg), add_special_tokens=True)["input_ids"]
+    prompt = prompt_ids(render_prompt(row, cfg), tokenizer)
     response_ids = tokenizer((row["response"] or "").strip(), add_special_tokens=False)["input_ids"]
     response_ids = response_ids + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[: cfg.max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: cfg.max_length]
+    ids = (prompt + response_ids)[: cfg.max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response_ids)[: cfg.max_length]
     return {
         "input_ids": ids,
         "labels": labels,
-        "prompt_tokens": len(prompt_ids),
-        "full_tokens": len(prompt_ids) + len(response_ids),
+        "prompt_tokens": len(prompt),
+        "full_tokens": len(prompt) + len(response_ids),
+        "empty_response": not (row["response"] or "").strip(),
     }
 
 
@@ -59,6 +79,7 @@ class DataStats:
     tokens_max: int
     trained_tokens: int
     masked_tokens: int
+    empty_responses: int = 0  # rows that train the end-of-sequence token alone
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +120,7 @@ def as_text(table: Any, source: str) -> Any:
 
 def check_template_fits(cfg: DataConfig, tokenizer: Any) -> None:
     """The bare template (empty instruction and context) must leave room for a response token."""
-    bare = len(tokenizer(render_prompt({"instruction": "", "context": ""}, cfg), add_special_tokens=True)["input_ids"])
+    bare = len(prompt_ids(render_prompt({"instruction": "", "context": ""}, cfg), tokenizer))
     if cfg.max_length <= bare:
         raise PeftlabError(
             f"data.max_length: {cfg.max_length} is not longer than the prompt template alone ({bare} tokens), so no "
@@ -111,6 +132,14 @@ def build_instruction_data(cfg: DataConfig, tokenizer: Any, seed: int) -> Instru
     check_template_fits(cfg, tokenizer)
     table = load_records(cfg, seed)
     encoded = table.map(lambda row: encode(row, tokenizer, cfg), remove_columns=table.column_names)
+    empty = sum(encoded["empty_response"])
+    if empty == len(encoded):
+        column = cfg.columns.get("response", "response")
+        raise PeftlabError(
+            f"data.source '{cfg.source}': every response (column '{column}') is empty in the {len(encoded)} rows, so "
+            "the only trained token would be the end-of-sequence: the model would learn to answer nothing; fix: point "
+            "data.columns.response at the column that holds the answers"
+        )
     trained = [sum(1 for x in labels if x != IGNORE_INDEX) for labels in encoded["labels"]]
     keep = [i for i, n in enumerate(trained) if n > 0]
     if not keep:
@@ -121,6 +150,7 @@ def build_instruction_data(cfg: DataConfig, tokenizer: Any, seed: int) -> Instru
             f"fix: raise data.max_length above {shortest} or shorten data.template"
         )
     stats = _stats(encoded, trained, len(table) - len(keep), cfg.max_length)
+    stats.empty_responses = empty
     encoded = encoded.select(keep).select_columns(["input_ids", "labels"])
     train, evaluation = _split(encoded, cfg, seed)
     stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0

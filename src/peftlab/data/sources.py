@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import gzip
+import io
+import json
+import logging
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -62,14 +69,102 @@ def _load_file(path: Path, source: str) -> Any:
     no_rows = f"data.source '{source}': the file holds no rows; fix: point data.source at a non-empty file"
     if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
         raise PeftlabError(no_rows)
+    # pyarrow reads bad UTF-8 lazily (a UnicodeDecodeError when a row is used): check it first.
+    bad = not_utf8_line(path) if fmt in ("json", "csv") else None
+    if bad:
+        raise PeftlabError(f"data.source '{source}': cannot parse it as {fmt}: {bad}; fix: save the file as UTF-8")
     try:
-        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        with quiet_datasets():
+            table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
-        raise PeftlabError(f"data.source '{source}': cannot parse it as {fmt} ({first}); fix: check the file format") from None
+        bad = first_bad_line(path, fmt)
+        if bad:
+            raise PeftlabError(f"data.source '{source}': cannot parse it as {fmt}: {bad}; fix: correct or remove "
+                               "that line") from None
+        raise PeftlabError(f"data.source '{source}': cannot parse it as {fmt} ({root_cause(exc)}); "
+                           "fix: check the file format") from None
     if len(table) == 0:
         raise PeftlabError(no_rows)
     return table
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs its own copy of a parse error before raising: ours is the one line the user sees."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The parser's message: datasets wraps it (pandas', pyarrow's) in a bare "An error occurred while
+    generating the dataset"."""
+    inner = exc.__cause__ or exc
+    return " ".join(str(inner).split())[:200] or inner.__class__.__name__
+
+
+def _open_bytes(path: Path) -> Any:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def not_utf8_line(path: Path) -> str | None:
+    """`line N: not UTF-8 text (...)` for the first line that does not decode, or None (streamed: big files)."""
+    with _open_bytes(path) as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"line {number}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+    return None
+
+
+def first_bad_line(path: Path, fmt: str) -> str | None:
+    """`line N: what is wrong` for the first line of a JSON Lines / JSON / CSV file that cannot be read,
+    or None when every line reads (the problem is elsewhere). We re-read the file ourselves because the
+    parsers behind datasets (pyarrow, pandas) report batch rows or nothing at all, not file lines."""
+    if fmt not in ("json", "csv"):
+        return None
+    bad = not_utf8_line(path)
+    if bad:
+        return bad
+    with _open_bytes(path) as fh:
+        text = fh.read().decode("utf-8").removeprefix("\ufeff")
+    return _bad_csv_line(text) if fmt == "csv" else _bad_json_line(text)
+
+
+def _bad_json_line(text: str) -> str | None:
+    if text.lstrip().startswith("["):  # one JSON document (a list of records)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number}, column {exc.colno}: {exc.msg}"
+        if not isinstance(record, dict):
+            return f"line {number}: a JSON {type(record).__name__}, not an object {{\"column\": value, ...}}"
+    return None
+
+
+def _bad_csv_line(text: str) -> str | None:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader, None)
+        for row in reader:
+            if row and header is not None and len(row) != len(header):
+                return f"line {reader.line_num}: {len(row)} fields, the header has {len(header)}"
+    except csv.Error as exc:
+        return f"line {reader.line_num}: {exc}"
+    return None
 
 
 def map_columns(table: Any, required: tuple[str, ...], optional: tuple[str, ...], mapping: dict[str, str], source: str) -> Any:

@@ -80,10 +80,12 @@ class TrainingHooks:
                   "grad_norm": grad_norm, "lr": lr, **totals.rates_since(self.last, dt),
                   "steps_per_s": round((step - self.last_step) / dt, 4), **extra, **current_memory(),
                   "time": round(now - self.start, 3)}
-        self.last_time, self.last_step, self.last = now, step, totals
+        last, self.last_time, self.last_step, self.last = self.last, now, step, totals
         self._emit(record)
-        if self.guard:
-            self.guard.check_log(step, record)
+        if self.guard:  # the label tokens trained in this window tell a converged 0.0 from an all-masked one
+            trained = getattr(totals, "trained_tokens", None)  # token tasks count them; images have none
+            window = {} if trained is None else {"trained_tokens": trained - last.trained_tokens}
+            self.guard.check_log(step, {**record, **window})
         return record
 
     def log_eval(self, step: int, epoch: float | None, metrics: dict[str, Any]) -> dict[str, Any]:

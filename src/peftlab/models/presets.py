@@ -35,19 +35,27 @@ GEMMA2_2B: dict[str, Any] = dict(
     attention_bias=False, attention_dropout=0.0, sliding_window=4096, attn_logit_softcapping=50.0,
     final_logit_softcapping=30.0, query_pre_attn_scalar=256, tie_word_embeddings=True, initializer_range=0.02,
 )
+# Special-token ids of the bundled tokenizers (<|endoftext|> is their BOS, EOS and padding). A preset's config
+# takes its tokenizer's ids, with no padding id: transformers zeroes the embedding row of config.pad_token_id
+# (nn.Embedding padding_idx: zero at init, never updated), and with tied embeddings a zero row on the EOS
+# id pins the EOS logit at 0, so a twin could never learn to stop. Real models pad with an id of their own
+# (Gemma-2: <pad> 0, <eos> 1); padding is masked from attention and loss either way.
+GPT2_TOKEN_IDS: dict[str, Any] = dict(bos_token_id=50256, eos_token_id=50256, pad_token_id=None)
+DOLLY_BPE4K_TOKEN_IDS: dict[str, Any] = dict(bos_token_id=0, eos_token_id=0, pad_token_id=None)
 # Same structure, laptop size, with the 4k-token BPE trained on the bundled Dolly text (tools/). A wider
 # init than 0.02 so that LoRA alone can move the logits of a random model (at 0.02 the tied embedding
 # bounds every logit to about +-1.3 and the loss cannot leave ln(4096)).
 TINY_GEMMA2: dict[str, Any] = dict(
     GEMMA2_2B, vocab_size=4096, initializer_range=0.4, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=256, query_pre_attn_scalar=16,
+    **DOLLY_BPE4K_TOKEN_IDS,
 )
 # microsoft/DialoGPT-medium config.json, architecture fields (a GPT-2 medium, 355M). The sequence-classification
 # task loads it with AutoModelForSequenceClassification: the transformer weights load, the `score` head is new.
 DIALOGPT_MEDIUM: dict[str, Any] = dict(
     model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16,
     activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
-    initializer_range=0.02, bos_token_id=50256, eos_token_id=50256,
+    initializer_range=0.02, **GPT2_TOKEN_IDS,
 )
 # Same structure at CPU-test size, keeping GPT-2's 50k vocabulary so the real tokenizer's ids fit.
 TINY_GPT2: dict[str, Any] = dict(DIALOGPT_MEDIUM, n_embd=64, n_layer=2, n_head=4)
@@ -65,7 +73,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("gemma-2-2b", GEMMA2_2B, "google/gemma-2-2b architecture (2.6B), random weights", "gpt2-tokenizer"),
+        Preset("gemma-2-2b", {**GEMMA2_2B, **GPT2_TOKEN_IDS}, "google/gemma-2-2b architecture (2.6B), random weights",
+               "gpt2-tokenizer"),
         Preset("tiny-gemma2", TINY_GEMMA2, "Gemma-2 structure at 0.5M params, random weights, CPU tests",
                "dolly-bpe4k-tokenizer"),
         Preset("dialogpt-medium", DIALOGPT_MEDIUM, "microsoft/DialoGPT-medium architecture (GPT-2, 355M), random weights",

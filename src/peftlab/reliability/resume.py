@@ -20,7 +20,7 @@ from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.reliability.checkpoints import discard_incomplete, latest_complete, step_of
 from peftlab.runs import RunDir, atomic_write_text, open_run
-from peftlab.secrets import redact
+from peftlab.secrets import redact_recipe
 from peftlab.watch.console import say
 
 
@@ -80,7 +80,7 @@ def _alive(pid: int) -> bool:
 
 def _check_same_recipe(recipe: Recipe, run: RunDir) -> None:
     """config.yaml is written redacted, so compare the passed recipe as it would have been written."""
-    given = yaml.safe_load(redact(recipe.to_yaml()))
+    given = redact_recipe(recipe.to_dict())
     saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8"))
     differences = _differences(given, saved)
     if differences:

@@ -1,7 +1,10 @@
 """Comparison of runs: the tables of the original notes, computed from run folders.
 
 Every cell comes from a summary.json; a metric a run does not have is "n/a", never NaN arithmetic.
-Ratios and deltas are against a baseline (default: the first run). Columns are task-aware: a task
+Ratios and deltas are against a baseline (default: the first run), and only between runs of one task:
+a loss, a metric or a throughput of another task measures something else (an SFT loss against a diffusion
+loss gave "final loss -95%"), so runs of other tasks are shown without deltas, under a one-line note.
+Columns are task-aware: a task
 declares the columns it always shows and its key metrics, and any other known column appears as
 soon as one of the compared runs carries it, so a new task plugs in by writing the usual keys.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +73,7 @@ class Comparison:
     rows: list[dict[str, Any]]  # one per source, raw numbers (None = missing) plus row["vs"]
     base: dict[str, Any]
     columns: list[Column]  # the visible ones, in display order
+    notes: list[str] = field(default_factory=list)  # shown under the tables
 
 
 def run_row(source: Source) -> dict[str, Any]:
@@ -127,8 +131,17 @@ def compare(runs: list[Source], baseline: Source | None = None) -> Comparison:
             row["run"] = f"{Path(source.path).parent.name}/{row['run']}"
     base = rows[next((i for i, r in enumerate(runs) if baseline is not None and _same(baseline, r)), 0)]
     for row in rows:
-        row["vs"] = versus(row, base)
-    return Comparison(runs, rows, base, visible_columns(rows))
+        vs = versus(row, base)
+        row["vs"] = vs if same_task(row, base) else dict.fromkeys(vs)
+    apart = [f"{r['run']} ({r['task']})" for r in rows if not same_task(r, base)]
+    notes = [f"not compared with baseline {base['run']} ({base['task']}), another task: {', '.join(apart)}; "
+             "compare runs of one task, or pass --baseline a run of theirs"] if apart else []
+    return Comparison(runs, rows, base, visible_columns(rows), notes)
+
+
+def same_task(row: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether two rows measure the same thing; a reference-metrics file may name no task (then it does)."""
+    return row["task"] is None or base["task"] is None or row["task"] == base["task"]
 
 
 def _same(a: Source, b: Source) -> bool:
@@ -195,7 +208,7 @@ def verdicts(comp: Comparison) -> list[str]:
     """The lines the original notes were typed by hand: '<run> vs <base>: 1.45x faster, 4.2% more memory, ...'."""
     lines = []
     for row in comp.rows:
-        if row is comp.base:
+        if row is comp.base or not same_task(row, comp.base):
             continue
         vs = row["vs"]
         speed, mem = vs["speedup"], vs["peak_mem_gib_change_pct"]
@@ -220,8 +233,8 @@ def markdown_table(headers: list[str], body: list[list[str]]) -> str:
 
 
 def as_json(comp: Comparison) -> str:
-    return json.dumps({"baseline": comp.base["run"], "columns": [c.name for c in comp.columns], "runs": comp.rows},
-                      indent=2)
+    return json.dumps({"baseline": comp.base["run"], "columns": [c.name for c in comp.columns], "runs": comp.rows,
+                       "notes": comp.notes}, indent=2)
 
 
 def as_csv(comp: Comparison) -> str:
@@ -247,7 +260,7 @@ def render(comp: Comparison, fmt: str) -> str:
         parts = [markdown_table(*main_table(comp)), "", f"vs baseline `{comp.base['run']}`:", "",
                  markdown_table(*vs_table(comp))]
         parts += [""] + [f"- {line}" for line in verdicts(comp)] if len(comp.rows) > 1 else []
-        parts += [""] + [f"Note: {text}" for text in definitions(comp)] if definitions(comp) else []
+        parts += [""] + [f"Note: {note}" for note in [*comp.notes, *definitions(comp)]] if comp.notes or definitions(comp) else []
         return "\n".join(parts) + "\n"
     raise PeftlabError(f"--format '{fmt}': unknown; valid: {', '.join(FORMATS)}")
 
@@ -277,5 +290,5 @@ def print_comparison(comp: Comparison, fmt: str = "table") -> None:
         print_fitting(*vs_table(comp), title=f"vs baseline {comp.base['run']}")
         for line in verdicts(comp):
             say(line)
-    for note in definitions(comp):
+    for note in [*comp.notes, *definitions(comp)]:
         say(f"note: {note}")

@@ -92,7 +92,7 @@ def image(path: Path, alt: str, caption: str | None = None) -> str:
 
 def comparison_section(comp: Comparison) -> str:
     parts = ["<h2>Comparison</h2>", table(*main_table(comp), "comparison", [r["run"] for r in comp.rows])]
-    parts += [f'<p class="meta">Note: {esc(text)}</p>' for text in definitions(comp)]
+    parts += [f'<p class="meta">Note: {esc(text)}</p>' for text in [*comp.notes, *definitions(comp)]]
     if len(comp.rows) > 1:
         parts += [f"<h3>vs baseline {esc(comp.base['run'])}</h3>",
                   table(*vs_table(comp), "versus", [r["run"] for r in comp.rows]),

@@ -31,7 +31,7 @@ def run_context(recipe: Recipe) -> RunContext:
     model_type = loader.load_model_config(recipe.model).model_type
     precision = resolve_precision(recipe.train.precision, model_type)
     attn = loader.attention_implementation(recipe.model.attn_implementation, model_type)
-    return RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name)
+    return RunContext(model_type, precision, attn, recipe.train.lr, recipe.method.name, recipe.method.quant.compute_dtype)
 
 
 def announce(recipe: Recipe, context: Any, params: Any, notes: list[str]) -> None:

@@ -93,7 +93,7 @@ def build(recipe: Recipe, device: torch.device) -> DiffusionSetup:
         "weight_forecast_gib": sd.weight_forecast(breakdown, 4 if precision == "fp32" else 2),
     }
     attn = type(next(iter(unet.attn_processors.values()))).__name__
-    context = RunContext(MODEL_TYPE, precision, attn, recipe.train.lr, recipe.method.name)
+    context = RunContext(MODEL_TYPE, precision, attn, recipe.train.lr, recipe.method.name, recipe.method.quant.compute_dtype)
     params = adapt.ParamCount(*PeftModel.get_nb_trainable_parameters(unet))  # peft's count, 4-bit aware
     return DiffusionSetup(parts, data, stats, context, params, facts, notes)
 

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from peftlab.config import Recipe
-from peftlab.data.instructions import IGNORE_INDEX, InstructionData, build_instruction_data, render_prompt
+from peftlab.data.instructions import (
+    IGNORE_INDEX,
+    InstructionData,
+    adds_bos,
+    build_instruction_data,
+    prompt_ids,
+    render_prompt,
+)
 from peftlab.distributed import shards_weights
 from peftlab.engines import EngineResult, TrainJob
 from peftlab.models import adapt, loader
@@ -31,6 +38,8 @@ from peftlab.watch.guard import RunContext
 # a few such rows are normal, this many means max_length is wrong for the data.
 MAX_DROPPED_RATE = 0.05
 MAX_TRUNCATION_RATE = 0.2
+# A response-less row trains only the end-of-sequence token: a few are noise, many teach the model to stop at once.
+MAX_EMPTY_RATE = 0.05
 
 
 @dataclass
@@ -112,13 +121,13 @@ def evaluate(result: EngineResult, data: InstructionData) -> dict[str, Any]:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_tokens: int | None = None) -> str:
     text = render_prompt({"instruction": prompt, "context": ""}, recipe.data)
-    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    ids = torch.tensor([prompt_ids(text, tokenizer)], device=model.device)  # as training encoded it: one BOS
     model.eval()
     output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any) -> None:
@@ -202,6 +211,15 @@ def doctor(recipe: Recipe) -> list[str]:
              f"{100 * MAX_DROPPED_RATE:.0f}%)",
              f"{s.dropped_fully_masked}/{s.rows} examples ({100 * dropped:.1f}%) have every label masked (prompt fills "
              "data.max_length) and are dropped: raise data.max_length")
+    empty = s.empty_responses / max(s.rows, 1)
+    up.check(empty <= MAX_EMPTY_RATE, f"{s.empty_responses}/{s.rows} responses empty ({100 * empty:.1f}% <= "
+             f"{100 * MAX_EMPTY_RATE:.0f}%)",
+             f"{s.empty_responses}/{s.rows} responses ({100 * empty:.1f}%) are empty and train the end-of-sequence token "
+             "alone: check data.columns.response")
+    first = setup.data.train[0]["input_ids"]
+    bos = setup.tokenizer.bos_token_id
+    up.check(not (len(first) > 1 and first[0] == first[1] == bos and adds_bos(setup.tokenizer)),
+             "prompts start with at most one BOS", "prompts start with <bos><bos>: drop the BOS from data.template")
     up.check(s.truncation_rate < MAX_TRUNCATION_RATE,
              f"truncation rate {100 * s.truncation_rate:.1f}% < {100 * MAX_TRUNCATION_RATE:.0f}%",
              f"{100 * s.truncation_rate:.1f}% of examples are truncated: raise data.max_length")

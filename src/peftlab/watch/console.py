@@ -25,17 +25,23 @@ def harden_stdio() -> None:
             stream.reconfigure(errors="replace")
 
 
-@lru_cache(maxsize=1)
-def console() -> Console:
+@lru_cache(maxsize=2)
+def console(stderr: bool = False) -> Console:
     harden_stdio()
     # Not a terminal (CI logs, pipes): rich would assume 80 columns and squeeze the tables.
     # In a multi-process run only rank 0 speaks.
     quiet = int(os.environ.get("RANK", "0")) != 0
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200, quiet=quiet)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, soft_wrap=True, width=None if stream.isatty() else 200, quiet=quiet, stderr=stderr)
 
 
 def say(text: str = "", style: str | None = None) -> None:
     console().print(redact(text), style=style, markup=False)
+
+
+def say_error(text: str) -> None:
+    """An error line, on stderr (so `peftlab ... > out.txt` still shows it, and scripts can tell them apart)."""
+    console(stderr=True).print(redact(text), markup=False)
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
