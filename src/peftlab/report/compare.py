@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from peftlab.errors import PeftlabError
+from peftlab.runlock import shown_status
 
 NA = "n/a"
 FORMATS = ("table", "markdown", "csv", "json")
@@ -162,7 +163,7 @@ class Comparison:
 def run_row(source: Source) -> dict[str, Any]:
     summary = source.summary()
     row = {"run": source.name, "task": summary.get("task"), "method": summary.get("method"),
-           "status": summary.get("status")}
+           "status": shown_status(source.path, summary)}
     row.update({c.name: c.read(summary) for c in COLUMNS})
     # e.g. classify's f1_definition: which F1 "f1" is; shown under the tables
     row["definitions"] = {k: v for k, v in summary.items() if k.endswith("_definition") and isinstance(v, str)}
