@@ -107,10 +107,18 @@ def test_follow_ends_on_a_run_that_dies(make_run, capsys):
     assert "run dead: process" in capsys.readouterr().out
 
 
+# Both processes start creating the folder within a millisecond, and writing config.yaml takes a
+# second (a slow disk): the window in which both saw an empty folder and went on, each logging every step.
 RACER = """
 import sys, time
 from pathlib import Path
-import peftlab.cli, peftlab.runner, peftlab.tasks.sft  # the slow imports, before the start line
+import peftlab.cli, peftlab.runner, peftlab.runs, peftlab.tasks.sft  # the slow imports, before the start line
+write = peftlab.runs.atomic_write_text
+def slow_write(path, text):
+    if path.name == "config.yaml":
+        time.sleep(1.0)
+    write(path, text)
+peftlab.runs.atomic_write_text = slow_write
 Path(sys.argv[1]).write_text("ready")
 while not Path(sys.argv[2]).exists():
     time.sleep(0.001)

@@ -75,7 +75,8 @@ def acquire(folder: Path) -> RunLock:
     path = Path(folder).resolve() / LOCK_NAME
     if (mine := _held.get(path)) is not None:
         return mine
-    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+    # Read-only: a file held open for writing would keep its filesystem from being remounted read-only.
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o644), "rb")
     deadline = time.monotonic() + ACQUIRE_TIMEOUT_S
     while True:
         try:
@@ -85,8 +86,8 @@ def acquire(folder: Path) -> RunLock:
             if time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-            holder = _read_owner(handle)
             handle.close()
+            holder = _read_owner(path)
             raise PeftlabError(
                 f"run '{folder}' is still being trained by process {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}; fix: wait for it to end, or stop it (Ctrl-C or SIGTERM saves a "
@@ -94,20 +95,16 @@ def acquire(folder: Path) -> RunLock:
             ) from None
         except OSError:  # a filesystem without locks: the run goes on, liveness falls back to the pid
             break
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps(owner()).encode())
-    handle.flush()
+    path.write_text(json.dumps(owner()))  # through a second descriptor, closed at once; the flock stays
     lock = RunLock(path, handle)
     _held[path] = lock
     return lock
 
 
-def _read_owner(handle: IO[bytes]) -> dict[str, Any]:
-    handle.seek(0)
+def _read_owner(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(handle.read() or b"{}")
-    except ValueError:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
         return {}
 
 

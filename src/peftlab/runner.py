@@ -87,8 +87,13 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
 def _io_failure(run: RunDir, cause: OSError) -> PeftlabError:
     """A full disk, a read-only remount, a quota: one error line, and `failed` where the summary can
     still be written (else the run shows as `dead` once this process has exited)."""
+    from peftlab.reliability.checkpoints import discard_incomplete
+
     error = io_error(cause, run)
     try:
+        # The checkpoint whose save failed is not one (resume skips it anyway): its space lets the summary be written.
+        if run.writer and run.checkpoints_path.is_dir():
+            discard_incomplete(run.checkpoints_path, after=run.checkpoints_path / "checkpoint-0")
         run.update_summary(**finish_fields("failed", "I/O error"), diagnosis=str(error))
     except OSError:
         error = PeftlabError(f"{error} (summary.json could not be updated either: `peftlab runs` shows the run "

@@ -79,8 +79,8 @@ IO_WORDING = {"No space left on device": errno.ENOSPC, "StorageFull": errno.ENOS
 
 def io_cause(exc: BaseException, folder: Path) -> OSError | None:
     """The operating-system write failure behind `exc` (itself, its cause, or in a wrapping library's
-    message), or None when `exc` is not one. torch.save says only "file write failed": then a probe
-    write in `folder` finds out why."""
+    message), or None when `exc` is not one. torch.save hides the errno ("file write failed", "unexpected
+    pos ..."): then a probe write in `folder` finds out whether, and why, the disk refuses."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in IO_FIXES:
@@ -90,12 +90,11 @@ def io_cause(exc: BaseException, folder: Path) -> OSError | None:
     for words, code in IO_WORDING.items():
         if words in text:
             return OSError(code, os.strerror(code))
-    if "file write failed" in text:
-        try:
-            atomic_write_text(folder / ".write-probe", "x")
-            (folder / ".write-probe").unlink()
-        except OSError as probe:
-            return OSError(probe.errno, probe.strerror, str(folder))
+    try:
+        atomic_write_text(folder / ".write-probe", "x")
+        (folder / ".write-probe").unlink()
+    except OSError as probe:
+        return OSError(probe.errno, probe.strerror, str(folder)) if probe.errno in IO_FIXES else None
     return None
 
 
