@@ -1,0 +1,84 @@
+"""A resumed run finishes exactly the work that was left and writes the records an uninterrupted run
+writes (issue 12, items 9 and 10)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from peftlab.runner import INTERRUPTED_EXIT, run_recipe
+from peftlab.runs import RunDir
+from test_resume import as_sets, signal_during_step, train_records
+
+# Every field of a train record that does not depend on the wall clock.
+EXACT = ("step", "epoch", "loss", "grad_norm", "lr", "tokens", "padded_tokens", "samples")
+SUMMARY = ("steps", "samples", "tokens", "trained_tokens", "final_train_loss", "mean_train_loss")
+
+
+def assert_same_records(resumed: RunDir, straight: RunDir) -> None:
+    got, want = train_records(resumed), train_records(straight)
+    assert sorted(got) == sorted(want)  # no extra record at the step the run was stopped
+    for step, record in want.items():
+        for key in EXACT:
+            assert got[step][key] == pytest.approx(record[key], rel=1e-6, abs=1e-9), (step, key)
+    a, b = straight.summary(), resumed.summary()
+    assert b["status"] == "completed"
+    for key in SUMMARY:
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+
+
+def test_records_after_a_resume_mid_logging_window_are_the_uninterrupted_ones(tiny_recipe, runs_dir, fast_sets, cli,
+                                                                             monkeypatch):
+    """The issue's case: logging every 5 steps, stopped at step 11; the resumed run logs step 15 over
+    steps 11-15, as the uninterrupted run does, and nothing at step 11."""
+    changes = {"train.max_steps": 15, "train.logging_steps": 5, "eval.compare_base": False}
+    straight = run_recipe(tiny_recipe(changes), runs_dir, "straight", show_progress=False)
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, 11, signal.SIGTERM)
+        code, _ = cli("train", "tiny-gemma2-dolly", *fast_sets, *as_sets(changes), "--runs-dir", str(runs_dir),
+                      "--name", "stopped")
+    run = RunDir(runs_dir / "stopped")
+    assert code == INTERRUPTED_EXIT and sorted(train_records(run)) == [5, 10]
+    code, lines = cli("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
+    assert code == 0, lines[-3:]
+    assert_same_records(run, straight)
+
+
+def interrupt_final_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (a real SIGINT) while the final evaluation runs, after the last checkpoint was written."""
+    from peftlab.tasks.sft import CountingSFTTrainer
+
+    original, sent = CountingSFTTrainer.evaluate, []
+
+    def evaluate(self, *args, **kwargs):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CountingSFTTrainer, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("when", ["final evaluation", "last step"])
+def test_resume_from_a_checkpoint_at_max_steps_trains_nothing_more(when, tiny_recipe, runs_dir, fast_sets, cli,
+                                                                   monkeypatch):
+    changes = {"train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "eval.compare_base": False}
+    straight = run_recipe(tiny_recipe(changes), runs_dir, "straight", show_progress=False)
+    with monkeypatch.context() as patch:
+        if when == "last step":
+            signal_during_step(patch, 4, signal.SIGTERM)
+        else:
+            interrupt_final_evaluation(patch)
+        code, _ = cli("train", "tiny-gemma2-dolly", *fast_sets, *as_sets(changes), "--runs-dir", str(runs_dir),
+                      "--name", "stopped")
+    run = RunDir(runs_dir / "stopped")
+    assert code == INTERRUPTED_EXIT and run.summary()["status"] == "interrupted"
+    code, lines = cli("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
+    assert code == 0 and "resuming from checkpoint-4" in " ".join(lines), lines[-3:]
+    assert run.summary()["steps"] == 4  # not 5 of 4
+    assert_same_records(run, straight)
+    assert (run.adapter_path / "adapter_model.safetensors").is_file()
+    assert (run.samples_path / "generations.jsonl").read_text() == (straight.samples_path / "generations.jsonl").read_text()
