@@ -7,10 +7,10 @@ import os
 import signal
 
 import pytest
+from test_resume import as_sets, signal_during_step, train_records
 
 from peftlab.runner import INTERRUPTED_EXIT, run_recipe
 from peftlab.runs import RunDir
-from test_resume import as_sets, signal_during_step, train_records
 
 # Every field of a train record that does not depend on the wall clock.
 EXACT = ("step", "epoch", "loss", "grad_norm", "lr", "tokens", "padded_tokens", "samples")

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from peftlab.config import Recipe
 from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
 from peftlab.models import adapt, loader
+from peftlab.models.base import trained_base
 from peftlab.models.precision import DTYPES
 from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_write_text
@@ -190,8 +191,7 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    context = run_context(recipe)
-    base = loader.load_causal_lm(recipe.model, DTYPES[context.precision], context.attn_implementation)
+    base, _ = trained_base(recipe, loader.load_causal_lm)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer
