@@ -82,3 +82,30 @@ def test_resume_from_a_checkpoint_at_max_steps_trains_nothing_more(when, tiny_re
     assert_same_records(run, straight)
     assert (run.adapter_path / "adapter_model.safetensors").is_file()
     assert (run.samples_path / "generations.jsonl").read_text() == (straight.samples_path / "generations.jsonl").read_text()
+
+
+def test_a_classify_run_stopped_in_its_final_evaluation_resumes_to_the_same_results(tiny_classifier, runs_dir, cli,
+                                                                                   monkeypatch):
+    """With train.best_metric: the resumed run reloads the best checkpoint, as the loop's end did."""
+    from peftlab.tasks.classify import CountingTrainer
+
+    recipe = tiny_classifier({"data.classify.test": None})
+    straight = run_recipe(recipe, runs_dir, "straight", show_progress=False)
+    original, sent = CountingTrainer.predict, []
+
+    def predict(self, *args, **kwargs):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CountingTrainer, "predict", predict)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe, runs_dir, "stopped", show_progress=False)
+    code, lines = cli("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
+    assert code == 0, lines[-3:]
+    a, b = straight.summary(), RunDir(runs_dir / "stopped").summary()
+    assert b["steps"] == a["steps"] == 8 and b["best_checkpoint"].endswith(a["best_checkpoint"].split("/")[-1])
+    for key in ("eval_loss", "eval_accuracy", "eval_f1", "mean_train_loss", "final_train_loss", "tokens"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key

@@ -92,7 +92,7 @@ def io_cause(exc: BaseException, folder: Path) -> OSError | None:
             return OSError(code, os.strerror(code))
     try:
         atomic_write_text(folder / ".write-probe", "x")
-        (folder / ".write-probe").unlink()
+        (folder / ".write-probe").unlink(missing_ok=True)
     except OSError as probe:
         return OSError(probe.errno, probe.strerror, str(folder)) if probe.errno in IO_FIXES else None
     return None
