@@ -21,9 +21,9 @@ from peftlab import runs
 from peftlab.reliability.checkpoints import checkpoints, latest_complete, problem
 from peftlab.runs import RunDir, read_jsonl
 
-REFUSED = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES]
 FIXES = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "disk quota", errno.EROFS: "read-only",
-         errno.EACCES: "writable for this user"}
+         errno.EACCES: "writable for this user", errno.EIO: "I/O error", errno.EFBIG: "file size limit"}
+REFUSED = [errno.ENOSPC, errno.EACCES]  # through a real run; every errno's line: test_each_refusal_has_its_fix
 
 
 def refuse_metrics_after(monkeypatch: pytest.MonkeyPatch, records: int, code: int, summary_too: bool = False) -> None:
@@ -75,6 +75,18 @@ def test_when_the_summary_cannot_be_written_either_the_run_shows_dead(runs_dir, 
     assert "Read-only file system" in lines[-1] and "summary.json could not be updated either" in lines[-1]
     assert run.summary()["status"] == "running"  # the last summary that could be written ...
     assert run.shown_status() == "dead"  # ... and what every listing shows once the process let go
+
+
+@pytest.mark.parametrize("code", list(FIXES), ids=[errno.errorcode[c] for c in FIXES])
+def test_each_refusal_has_its_fix(code, tmp_path):
+    run = RunDir(tmp_path / "run")
+    line = str(runs.io_error(OSError(code, os.strerror(code), str(run.metrics_path)), run))
+    assert line.startswith(f"{run.metrics_path}: {os.strerror(code)}; fix: ") and FIXES[code] in line
+    assert line.endswith(f"`peftlab train --resume {run.path}` continues from its last complete checkpoint")
+    wrapped = RuntimeError(f"Error while serializing: {os.strerror(code)}")  # as a library rewords it
+    found = runs.io_cause(wrapped, tmp_path)
+    assert (found is not None and found.errno == code) == (code in runs.IO_WORDING.values())
+    assert runs.io_cause(ValueError("not a disk problem"), tmp_path) is None  # the probe write succeeds
 
 
 @contextlib.contextmanager

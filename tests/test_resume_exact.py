@@ -7,8 +7,10 @@ import os
 import signal
 
 import pytest
+from conftest import FAST
 from test_resume import as_sets, signal_during_step, train_records
 
+from peftlab.config import load_recipe, with_overrides
 from peftlab.runner import INTERRUPTED_EXIT, run_recipe
 from peftlab.runs import RunDir
 
@@ -62,11 +64,20 @@ def interrupt_final_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CountingSFTTrainer, "evaluate", evaluate)
 
 
+AT_MAX = {"train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "eval.compare_base": False}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    """The uninterrupted run, shared by the ways of stopping it at its last step."""
+    recipe = with_overrides(load_recipe("tiny-gemma2-dolly"), {**FAST, **AT_MAX})
+    return run_recipe(recipe, tmp_path_factory.mktemp("runs"), "straight", show_progress=False)
+
+
 @pytest.mark.parametrize("when", ["final evaluation", "last step"])
-def test_resume_from_a_checkpoint_at_max_steps_trains_nothing_more(when, tiny_recipe, runs_dir, fast_sets, cli,
+def test_resume_from_a_checkpoint_at_max_steps_trains_nothing_more(when, four_steps, runs_dir, fast_sets, cli,
                                                                    monkeypatch):
-    changes = {"train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "eval.compare_base": False}
-    straight = run_recipe(tiny_recipe(changes), runs_dir, "straight", show_progress=False)
+    straight, changes = four_steps, AT_MAX
     with monkeypatch.context() as patch:
         if when == "last step":
             signal_during_step(patch, 4, signal.SIGTERM)
