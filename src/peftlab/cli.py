@@ -224,7 +224,7 @@ def report(runs: RunsArg, baseline: BaselineOpt = None,
 def list_runs(task: Annotated[str | None, typer.Option(help="only this task, e.g. sft")] = None,
               recipe: Annotated[str | None, typer.Option(help="only this recipe name")] = None,
               method: Annotated[str | None, typer.Option(help="only this method, e.g. qlora")] = None,
-              status: Annotated[str | None, typer.Option(help="running | completed | failed | interrupted")] = None,
+              status: Annotated[str | None, typer.Option(help="running | dead | completed | failed | interrupted | pruned")] = None,
               json_: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
               runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     """List the runs under the runs folder (an SQLite index, rebuilt from the folders when needed)."""
