@@ -111,6 +111,8 @@ def train_resumable(trainer: Any, train: TrainConfig, resume_from: Path | None =
     # A signal after the last step's end found the loop already done: nothing left to stop.
     if request.signal_name is not None and checkpoint.is_dir():
         raise TrainingInterrupted(request.signal_name, step, checkpoint)
+    if resume_from is not None and not window.restore:  # a checkpoint from before the window was carried
+        return result
     return TrainOutput(step, trainer._total_loss_scalar / max(step, 1), result.metrics)
 
 
