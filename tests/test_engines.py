@@ -15,7 +15,7 @@ from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.runs import RunDir
 from peftlab.tracking import Tracker, Tracking
 from peftlab.watch.console import Progress
-from peftlab.watch.guard import HealthGuard, RunContext
+from peftlab.watch.guard import Divergence, HealthGuard, RunContext
 from peftlab.watch.monitor import BatchCounter
 
 
@@ -123,6 +123,31 @@ def test_a_loop_of_its_own_gets_records_guard_tracking_and_stop_from_the_hooks(r
     assert [r["kind"] for r in tracker.records] == ["train", "eval", "eval", "train"]
     assert run.summary()["max_steps"] == 4
     assert hooks.carry()["counter"]["trained_tokens"] == 4  # what a checkpoint carries to a resumed run
+
+
+def test_a_resumed_session_goes_on_with_the_open_logging_window_and_the_guard_history(runs_dir) -> None:
+    """What `carry()` puts in a checkpoint makes the resumed session's guard decide as the uninterrupted run's:
+    the label tokens trained since the last record (so a 0.0 there is convergence) and the divergence rule's losses."""
+    run = RunDir.create(runs_dir, "carried", load_recipe("tiny-gemma2-dolly"))
+    context, rule = RunContext("gemma2", "fp32", "eager", 1e-3, "lora"), Divergence(10.0, 2)
+    batch = {"input_ids": _ids([[1, 2, 3, 0]]), "attention_mask": _ids([[1, 1, 1, 0]]), "labels": _ids([[-100, 2, 3, -100]])}
+    first = TrainingHooks(run, BatchCounter(), HealthGuard(context, divergence=rule), Progress("train", False), Recorder())
+    first.train_begin(max_steps=5)
+    for step in (1, 2):
+        first.micro_batch(batch)
+        first.log_train(step, 0.1 * step, 1.0, 1.0, 1e-3)
+    first.micro_batch(batch)  # step 3 trained, the checkpoint taken before its record
+    carried = first.carry()
+    assert carried["logged"]["step"] == 2 and carried["guard"]["losses"] == [1.0, 1.0]
+    second = TrainingHooks(run, BatchCounter(**carried["counter"]), HealthGuard(context, divergence=rule),
+                           Progress("train", False), Recorder(), carried=carried)
+    second.train_begin(max_steps=5, step=3)
+    second.log_train(3, 0.3, 0.0, 0.0, 1e-3)  # the window holds step 3's trained tokens: converged, runs on
+    second.micro_batch(batch)
+    second.log_train(4, 0.4, 50.0, 1.0, 1e-3)
+    second.micro_batch(batch)
+    with pytest.raises(GuardFailure, match="step 5: loss diverged"):  # against the first session's losses
+        second.log_train(5, 0.5, 50.0, 1.0, 1e-3)
 
 
 def test_tracking_off_tracks_nothing(runs_dir) -> None:

@@ -239,7 +239,7 @@ def report(runs: RunsArg, baseline: BaselineOpt = None,
 def list_runs(task: Annotated[str | None, typer.Option(help="only this task, e.g. sft")] = None,
               recipe: Annotated[str | None, typer.Option(help="only this recipe name")] = None,
               method: Annotated[str | None, typer.Option(help="only this method, e.g. qlora")] = None,
-              status: Annotated[str | None, typer.Option(help="running | completed | failed | interrupted")] = None,
+              status: Annotated[str | None, typer.Option(help="running | dead | completed | failed | interrupted | pruned")] = None,
               json_: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
               runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     """List the runs under the runs folder (an SQLite index, rebuilt from the folders when needed)."""
@@ -263,12 +263,12 @@ def list_runs(task: Annotated[str | None, typer.Option(help="only this task, e.g
 @app.command()
 def watch(run: Annotated[str, typer.Argument(help="run name or folder")],
           interval: Annotated[float, typer.Option(min=0.1, help="seconds between polls")] = 2.0,
+          timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the run folder to appear")] = 60.0,
           runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
-    """Follow a run live: metrics as they are logged, loss sparkline, ETA; ends when the run ends."""
-    from peftlab.runs import open_run
-    from peftlab.watch.live import follow
+    """Follow a run live: metrics as they are logged, loss sparkline, ETA; ends when the run ends (or dies)."""
+    from peftlab.watch.live import follow, wait_for_run
 
-    if follow(open_run(run, runs_dir), interval) != "completed":
+    if follow(wait_for_run(run, runs_dir, timeout), interval) != "completed":
         raise typer.Exit(1)
 
 
@@ -302,7 +302,7 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
     folder = open_run(run, runs_dir)
     recipe = load_recipe(str(folder.config_path))
     if not folder.adapter_path.exists():
-        raise PeftlabError(f"run '{folder.path}' has no adapter/ (status {folder.summary().get('status')}); fix: pick a completed run")
+        raise PeftlabError(f"run '{folder.path}' has no adapter/ (status {folder.shown_status()}); fix: pick a completed run")
     for line in get_task(recipe.task).generate(folder, recipe, prompt, max_new_tokens, seed, steps):
         say(line)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from peftlab.columns import key_metric_text, key_metrics, number, text
 from peftlab.errors import PeftlabError, did_you_mean
+from peftlab.runlock import DEAD, shown_status
 from peftlab.runs import RunDir
 from peftlab.watch.console import duration
 
@@ -29,7 +30,7 @@ INDEX_NAME = ".registry.sqlite"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
 SCAN_DEPTH = 3  # runs/<run> and, for sweeps that nest trials, runs/<study>/<trial>
-STATUSES = ("running", "completed", "failed", "interrupted", "unreadable")
+STATUSES = ("running", DEAD, "completed", "failed", "interrupted", "pruned", "unreadable")
 SCHEMA = """
 CREATE TABLE runs (
     name TEXT PRIMARY KEY,            -- folder path relative to the runs folder
@@ -188,16 +189,25 @@ class Registry:
 
     def query(self, task: str | None = None, recipe: str | None = None, method: str | None = None,
               status: str | None = None) -> list[Entry]:
-        """Indexed runs, newest first, filtered by exact task/recipe/method/status."""
+        """Indexed runs, newest first, filtered by exact task/recipe/method/status. A run indexed as
+        `running` whose process is gone is `dead`: that is decided now, from its lock, not from the index."""
         if status is not None and status not in STATUSES:
             raise PeftlabError(f"--status '{status}': unknown; {did_you_mean(status, STATUSES)}")
-        filters = {k: v for k, v in (("task", task), ("recipe", recipe), ("method", method), ("status", status)) if v}
+        filters = {k: v for k, v in (("task", task), ("recipe", recipe), ("method", method)) if v}
+        if status:
+            filters["status"] = "running" if status == DEAD else status
         where = " AND ".join(f"{k} = :{k}" for k in filters) or "1"
         sql = (f"SELECT name, task, recipe, method, status, started_at, ended_at, summary_json FROM runs "
                f"WHERE {where} ORDER BY started_at DESC, name")
         with self._connect() as conn:
             rows = conn.execute(sql, filters).fetchall()
-        return [Entry(*row[:7], summary=json.loads(row[7])) for row in rows]
+        entries = []
+        for row in rows:
+            summary = json.loads(row[7])
+            entry = Entry(row[0], *row[1:4], shown_status(self.runs_dir / row[0], summary), *row[5:7], summary=summary)
+            if status is None or entry.status == status:
+                entries.append(entry)
+        return entries
 
 
 @contextlib.contextmanager

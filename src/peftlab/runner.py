@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftlab.config import Recipe
 from peftlab.distributed import barrier, broadcast, init_process_group, ranks, strategy
 from peftlab.engines import check_registered
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.registry import index_run
-from peftlab.runs import RunDir, environment, finish_fields, sanitize_name
+from peftlab.runlock import owner
+from peftlab.runs import RunDir, environment, finish_fields, io_cause, io_error, sanitize_name
 from peftlab.watch.console import say
 
 if TYPE_CHECKING:
@@ -44,10 +43,14 @@ def _create_run(recipe: Recipe, runs_dir: Path, name: str | None, overwrite: boo
     proc = ranks()
     run = RunDir(Path(runs_dir) / sanitize_name(name), writer=proc.is_main)
     if proc.is_main:
-        run = RunDir.create(runs_dir, name, recipe, overwrite=overwrite)
-        run.update_summary(name=run.name, recipe=recipe.name, task=recipe.task, method=recipe.method.name,
-                           environment=environment(), world_size=proc.world_size,
-                           strategy=strategy() if proc.distributed else None)
+        try:
+            run = RunDir.create(runs_dir, name, recipe, overwrite=overwrite)
+            run.update_summary(name=run.name, recipe=recipe.name, task=recipe.task, method=recipe.method.name,
+                               environment=environment(), world_size=proc.world_size,
+                               strategy=strategy() if proc.distributed else None)
+        except OSError as exc:
+            run.release()
+            raise io_error(exc) from None
     barrier()
     return run
 
@@ -56,19 +59,52 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
     """Continue run `ref` from its newest complete checkpoint, with the recipe it was started with."""
     from peftlab.reliability import plan_resume
 
-    plan = plan_resume(ref, runs_dir, recipe)
+    try:
+        plan = plan_resume(ref, runs_dir, recipe, lock=ranks().is_main)
+    except OSError as exc:  # the lock file or the trimmed log could not be written
+        raise io_error(exc) from None
     summary = plan.run.summary()
     started_with = summary.get("world_size", 1)
     if started_with != ranks().world_size:
+        plan.run.release()
         raise PeftlabError(
             f"--resume {ref}: the run was started with {started_with} process(es), this launch has "
             f"{ranks().world_size}; fix: resume with --gpus {started_with} (the data order depends on it)"
         )
     plan.run.writer = ranks().is_main
     resumes = [*summary.get("resumes", []), {"from_step": plan.step, "environment": environment()}]
-    plan.run.update_summary(status="running", reason=None, resumes=resumes)
+    try:
+        plan.run.update_summary(status="running", reason=None, resumes=resumes)
+    except OSError as exc:
+        plan.run.release()
+        raise io_error(exc, plan.run) from None
     say(f"resuming from {plan.checkpoint.name}")
     return _execute(plan.recipe, plan.run, show_progress, resume_from=plan.checkpoint)
+
+
+def _io_failure(run: RunDir, cause: OSError) -> PeftlabError:
+    """A full disk, a read-only remount, a quota: one error line, and `failed` where the summary can
+    still be written (else the run shows as `dead` once this process has exited)."""
+    from peftlab.reliability.checkpoints import discard_incomplete
+
+    error = io_error(cause, run)
+    try:
+        # The checkpoint whose save failed is not one (resume skips it anyway): its space lets the summary be written.
+        if run.writer and run.checkpoints_path.is_dir():
+            discard_incomplete(run.checkpoints_path, after=run.checkpoints_path / "checkpoint-0")
+        run.update_summary(**finish_fields("failed", "I/O error"), diagnosis=str(error))
+    except OSError:
+        error = PeftlabError(f"{error} (summary.json could not be updated either: `peftlab runs` shows the run "
+                             "as dead once this process has exited)")
+    return error
+
+
+def _record_end(run: RunDir, **fields: Any) -> None:
+    """How the run ended, into summary.json; a write the disk refuses becomes one error line."""
+    try:
+        run.update_summary(**fields)
+    except OSError as exc:
+        raise io_error(exc, run) from None
 
 
 def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path | None = None,
@@ -79,39 +115,41 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
     from peftlab.reliability.oom import memory_advice
     from peftlab.training import train
 
-    # pid + host let `--resume` refuse a run that is still being trained.
-    run.update_summary(pid=os.getpid(), host=socket.gethostname())
-    if run.writer:
-        index_run(run)  # the registry sees the run while it trains
     say(f"run folder: {run.path}")
     try:
+        # pid, host and start time tell a live run from a dead one where its lock cannot be probed.
+        run.update_summary(**owner())
+        if run.writer:
+            index_run(run)  # the registry sees the run while it trains
         with terminate_as_interrupt():
             results = train(recipe, run, show_progress=show_progress, resume_from=resume_from, listeners=listeners)
+        summary = run.update_summary(**results, **finish_fields("completed"))
     except GuardFailure as exc:
         saved = {"adapter": str(run.adapter_path)} if run.adapter_path.is_dir() else {}
-        run.update_summary(**finish_fields("failed", "health guard"), diagnosis=str(exc), **saved)
+        _record_end(run, **finish_fields("failed", "health guard"), diagnosis=str(exc), **saved)
         raise
     except PeftlabError as exc:
-        run.update_summary(**finish_fields("failed", "bad input"), diagnosis=str(exc))
+        _record_end(run, **finish_fields("failed", "bad input"), diagnosis=str(exc))
         raise
     except KeyboardInterrupt as exc:
         saved = {"checkpoint": str(exc.checkpoint)} if isinstance(exc, TrainingInterrupted) else {}
-        run.update_summary(**finish_fields("interrupted", str(exc) or "KeyboardInterrupt"), **saved,
-                           resume=f"peftlab train --resume {run.path}")
+        _record_end(run, **finish_fields("interrupted", str(exc) or "KeyboardInterrupt"), **saved,
+                    resume=f"peftlab train --resume {run.path}")
         say(f"interrupted ({exc or 'KeyboardInterrupt'}); continue with: peftlab train --resume {run.path}")
         raise
     except torch.OutOfMemoryError as exc:
         message = memory_advice(recipe, run.summary().get("memory_estimate"), exc)
-        run.update_summary(**finish_fields("failed", "out of memory"), diagnosis=message)
+        _record_end(run, **finish_fields("failed", "out of memory"), diagnosis=message)
         raise PeftlabError(message) from None
     except Exception as exc:
-        run.update_summary(**finish_fields("failed", f"{exc.__class__.__name__}: {exc}"),
-                           traceback=traceback.format_exc()[-4000:])
+        if (cause := io_cause(exc, run.path)) is not None:
+            raise _io_failure(run, cause) from None
+        _record_end(run, **finish_fields("failed", f"{exc.__class__.__name__}: {exc}"),
+                    traceback=traceback.format_exc()[-4000:])
         raise
-    else:
-        summary = run.update_summary(**results, **finish_fields("completed"))
     finally:
         if run.writer:
             index_run(run)  # and how it ended, whatever happened
+        run.release()  # only now: until the end is recorded, a free lock would read as a dead run
     say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')})")
     return run

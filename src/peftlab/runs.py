@@ -8,6 +8,7 @@ time; readers skip a torn last line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -18,13 +19,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from peftlab import runlock
 from peftlab.config import Recipe
 from peftlab.errors import PeftlabError
 from peftlab.secrets import redact, redact_recipe
@@ -36,17 +38,76 @@ def atomic_write_text(path: Path, text: str, redacted: bool = False) -> None:
     """Write via a temporary file + rename; secrets (tokens, API keys) are redacted on the way, unless the
     caller has `redacted` the text itself (a recipe: see secrets.redact_recipe)."""
     text = text if redacted else redact(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised while writing `path` names it: write() and fsync() failures carry no file name."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
         raise
+
+
+# What to do about a write that the operating system refused, by errno.
+IO_FIXES = {
+    errno.ENOSPC: "free space on that disk (`df -h`) or point --runs-dir at another one",
+    errno.EDQUOT: "free space within your disk quota (`quota -s`) or point --runs-dir at another disk",
+    errno.EROFS: "the filesystem is read-only (remounted after an error?): remount it read-write, or use another --runs-dir",
+    errno.EACCES: "make the folder writable for this user (chmod/chown), or use another --runs-dir",
+    errno.EPERM: "make the folder writable for this user (chmod/chown), or use another --runs-dir",
+    errno.EIO: "the disk reported an I/O error: check it (`dmesg`), or use another --runs-dir",
+    errno.EFBIG: "a file size limit was hit (`ulimit -f`, or the filesystem's maximum file size): raise it",
+}
+
+
+# How libraries that wrap the OSError (torch.save, safetensors) word the same failures.
+IO_WORDING = {"No space left on device": errno.ENOSPC, "StorageFull": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+              "Read-only file system": errno.EROFS, "ReadOnlyFilesystem": errno.EROFS}
+
+
+def io_cause(exc: BaseException, folder: Path) -> OSError | None:
+    """The operating-system write failure behind `exc` (itself, its cause, or in a wrapping library's
+    message), or None when `exc` is not one. torch.save hides the errno ("file write failed", "unexpected
+    pos ..."): then a probe write in `folder` finds out whether, and why, the disk refuses."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in IO_FIXES:
+            return seen
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    text = str(exc)
+    for words, code in IO_WORDING.items():
+        if words in text:
+            return OSError(code, os.strerror(code))
+    try:
+        atomic_write_text(folder / ".write-probe", "x")
+        (folder / ".write-probe").unlink(missing_ok=True)
+    except OSError as probe:
+        return OSError(probe.errno, probe.strerror, str(folder)) if probe.errno in IO_FIXES else None
+    return None
+
+
+def io_error(exc: OSError, run: RunDir | None = None) -> PeftlabError:
+    """One line for a write the operating system refused: the file, the reason, the fix, and how to go on."""
+    where = exc.filename or (run.path if run else "the run folder")
+    why = exc.strerror or str(exc) or exc.__class__.__name__
+    fix = IO_FIXES.get(exc.errno, "make the run folder writable, or use another --runs-dir")
+    then = f"; then `peftlab train --resume {run.path}` continues from its last complete checkpoint" if run else ""
+    return PeftlabError(f"{where}: {why}; fix: {fix}{then}")
 
 
 @contextlib.contextmanager
@@ -54,16 +115,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Fill a temporary sibling folder, then swap it in: a crash never leaves a half-written adapter/."""
     tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    tmp.rename(path)
+    with naming(path):
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -138,6 +200,8 @@ class RunDir:
     path: Path
     # False on the non-zero ranks of a multi-process run: they train, rank 0 writes the folder.
     writer: bool = True
+    # Held by the process that writes this run, from creation (or resume) until its end is recorded.
+    lock: runlock.RunLock | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -152,27 +216,43 @@ class RunDir:
 
     @classmethod
     def create(cls, runs_dir: Path, name: str, recipe: Recipe, overwrite: bool = False) -> RunDir:
+        """A new run folder, locked for this process. Racing creators of one name (or a live run of that
+        name) meet at the folder's lock: one wins, the others get one error line."""
         path = Path(runs_dir) / sanitize_name(name)
         config = yaml.safe_dump(redact_recipe(recipe.to_dict()), sort_keys=False, allow_unicode=True)
-        if path.exists() and any(path.iterdir()):
-            if not overwrite:
-                status = cls(path).summary().get("status", "unknown")
-                resume = "" if status == "completed" else f"--resume {path.name} to continue it, "
-                raise PeftlabError(
-                    f"run folder '{path}' already holds a run (status {status}); fix: {resume}"
-                    "--overwrite to replace it, or --name NEW"
-                )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
-        atomic_write_text(run.config_path, config, redacted=True)
-        run.write_summary({"status": "running", "started_at": _now(), "config_hash": recipe.config_hash()})
+        with naming(path):
+            path.mkdir(parents=True, exist_ok=True)
+        fresh = not runlock.holds(path)
+        run = cls(path, lock=runlock.acquire(path))
+        try:
+            if any(p.name != runlock.LOCK_NAME for p in path.iterdir()):
+                if not overwrite:
+                    status = run.summary().get("status", "unknown")
+                    status = runlock.DEAD if status == "running" else status  # we hold its lock: nobody trains it
+                    resume = "" if status == "completed" else f"--resume {path.name} to continue it, "
+                    raise PeftlabError(
+                        f"run folder '{path}' already holds a run (status {status}); fix: {resume}"
+                        "--overwrite to replace it, or --name NEW"
+                    )
+                _empty(path, keep=runlock.LOCK_NAME)
+            atomic_write_text(run.config_path, config, redacted=True)
+            run.write_summary({"status": "running", "started_at": _now(), "config_hash": recipe.config_hash()})
+        except BaseException:
+            if fresh:  # a lock this process held before (another RunDir of it) stays held
+                run.release()
+            raise
         return run
+
+    def release(self) -> None:
+        """Give up the run's lock: from now on, a `running` summary means the run died."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if not self.writer:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+        with naming(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(redact(json.dumps(json_safe(record))) + "\n")
             fh.flush()
 
@@ -192,6 +272,21 @@ class RunDir:
         data = {**self.summary(), **fields}
         self.write_summary(data)
         return data
+
+    def shown_status(self) -> str | None:
+        """The summary's status, or `dead` for a run that says `running` but whose process is gone."""
+        return runlock.shown_status(self.path, self.summary())
+
+
+def _empty(folder: Path, keep: str) -> None:
+    """Delete everything in `folder` except the file `keep` (the lock we hold)."""
+    for child in folder.iterdir():
+        if child.name == keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _now() -> str:

@@ -42,8 +42,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     prepared.counter = prepared.counter_class(**carried.get("counter", {}))
     guard = guard_for(recipe.watch, prepared.context)
     tracker = Tracker(tracking, run, redact_recipe(recipe.to_dict()))  # as config.yaml: no secrets
-    hooks = TrainingHooks(run, prepared.counter, guard, Progress("train", show_progress), tracker, listeners,
-                          carried.get("runtime_s", 0.0))
+    hooks = TrainingHooks(run, prepared.counter, guard, Progress("train", show_progress), tracker, listeners, carried)
     run.update_summary(engine=engine.name, **prepared.summary)
     reset_peak_memory()
     with environment(tracking):

@@ -23,8 +23,9 @@ What the engine must do: call the hooks (engines/hooks.py) - `train_begin(max_st
 for every micro-batch it trains on, `step_end(step)`, `log_train(...)` every `train.logging_steps` optimizer
 steps, `log_eval(...)` for every evaluation, stop when `hooks.should_stop()`, `train_end()`; write resumable
 `checkpoint-N/` folders every `train.save_steps` (reliability/checkpoints.py says what complete means; the
-carried state is `hooks.carry()`) and continue from `resume_from`; on SIGINT/SIGTERM save a checkpoint and
-raise `TrainingInterrupted`. What it returns (`EngineResult`): steps, epochs, losses, runtime, and an
+carried state is `hooks.carry()` plus the engine's own open logging window) and continue from `resume_from` so
+that every record equals the uninterrupted run's (no forced record at a stop; a checkpoint taken at the last
+step trains nothing more); on SIGINT/SIGTERM save a checkpoint and raise `TrainingInterrupted`. What it returns (`EngineResult`): steps, epochs, losses, runtime, and an
 `evaluate` / `predict` capability that the task's evaluation uses.
 """
 

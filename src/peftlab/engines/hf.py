@@ -264,7 +264,8 @@ class AccelerateLoop:
         start = self._restore(resume_from, model, optimizer, scheduler)
         request = StopRequest()
         with on_stop_signals(request.handle):
-            step = self._loop(model, optimizer, loader, scheduler, params, steps, start, request)
+            # A checkpoint taken at the last step has nothing left to train: only what follows training.
+            step = self._loop(model, optimizer, loader, scheduler, params, steps, start, request) if start < steps else start
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the task samples with its own autocast
         micro = step * t.grad_accum
         return EngineResult(
@@ -294,7 +295,9 @@ class AccelerateLoop:
                     continue
                 step += 1
                 hooks.step_end(step)
-                if step % t.logging_steps == 0 or step == steps or request.signal_name:
+                # No forced record at a stop: the open window travels in the checkpoint (see _save), so the resumed
+                # run logs it where the uninterrupted run does.
+                if step % t.logging_steps == 0 or step == steps:
                     self._log(step, grad_norm, scheduler.get_last_lr()[0], len(loader))
                 if (t.save_steps and step % t.save_steps == 0) or request.signal_name:
                     checkpoint = self._save(step, model, optimizer, scheduler)
@@ -326,7 +329,8 @@ class AccelerateLoop:
                      if p.requires_grad}
         save_file(trainable, str(folder / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "losses": torch.stack(self.losses).cpu() if self.losses else None}, folder / "training_state.pt")
+                    "losses": torch.stack(self.losses).cpu() if self.losses else None,
+                    "logged": self.logged, "final_loss": self.final_loss}, folder / "training_state.pt")
         torch.save(_rng_state(), folder / "rng_state.pt")
         atomic_write_json(folder / STATE_FILE, {"global_step": step, "stateful_callbacks": {
             CarryState.__name__: {"args": {}, "attributes": self.hooks.carry()}}})
@@ -343,7 +347,8 @@ class AccelerateLoop:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         self.losses = list(state["losses"]) if state["losses"] is not None else []
-        self.logged = len(self.losses)
+        # The logging window open at the checkpoint: its losses are in `losses` from `logged` on.
+        self.logged, self.final_loss = state.get("logged", len(self.losses)), state.get("final_loss")
         _set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=True))
         return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
 

@@ -43,10 +43,15 @@ class Listener(Protocol):
 
 class TrainingHooks:
     def __init__(self, run: RunDir, counter: Counter, guard: HealthGuard | None, progress: Progress,
-                 tracker: Tracker, listeners: Sequence[Listener] = (), seconds_before: float = 0.0) -> None:
+                 tracker: Tracker, listeners: Sequence[Listener] = (), carried: dict[str, Any] | None = None) -> None:
+        """`carried`: what `carry()` put in the checkpoint a resumed run starts from (counter restored by the caller)."""
         self.run, self.counter, self.guard, self.progress, self.tracker = run, counter, guard, progress, tracker
         self.listeners = list(listeners)
-        self.seconds_before = seconds_before  # training time of the run's earlier sessions (resume)
+        carried = carried or {}
+        self.seconds_before = carried.get("runtime_s", 0.0)  # training time of the run's earlier sessions (resume)
+        self.logged = carried.get("logged")  # the logging window open at the checkpoint: where the next record starts
+        if guard and "guard" in carried:
+            guard.restore(carried["guard"])
         self.start = self.last_time = time.perf_counter()
         self.last: Any = None
         self.last_step = 0
@@ -56,7 +61,10 @@ class TrainingHooks:
 
     def train_begin(self, max_steps: int, step: int = 0) -> None:
         self.start = self.last_time = time.perf_counter()
-        self.last, self.last_step = self.counter.total(), step
+        logged, self.logged = self.logged, None
+        # A resumed run's first record covers the steps since the last log, as the uninterrupted run's does.
+        self.last = type(self.counter)(**logged["totals"]) if logged else self.counter.total()
+        self.last_step = logged["step"] if logged else step
         self.run.update_summary(max_steps=max_steps)  # `peftlab watch` computes its ETA from it
         self.progress.start(total=max_steps, done=step)
         for listener in self.listeners:
@@ -113,8 +121,11 @@ class TrainingHooks:
         return self.seconds_before + time.perf_counter() - self.start
 
     def carry(self) -> dict[str, Any]:
-        """What a checkpoint must carry for a resumed run to count on: counters and training time."""
-        return {"counter": self.counter.as_dict(), "runtime_s": self.runtime()}
+        """What a checkpoint must carry for a resumed run to go on as the uninterrupted one: counters, training
+        time, the open logging window (totals and step at the last record) and the guard's history."""
+        logged = {"step": self.last_step, "totals": self.last.as_dict()} if self.last is not None else None
+        return {"counter": self.counter.as_dict(), "runtime_s": self.runtime(), "logged": logged,
+                **({"guard": self.guard.carry()} if self.guard else {})}
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.run.append_metrics(record)

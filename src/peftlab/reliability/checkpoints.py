@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_pt_utils import nested_gather
 
 from peftlab.config import TrainConfig
 
@@ -153,3 +154,47 @@ def carried_state(checkpoint: Path | None) -> dict[str, Any]:
         return {}
     state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
     return state.get("stateful_callbacks", {}).get(CarryState.__name__, {}).get("attributes", {})
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was taken when training had done all its steps (Ctrl-C during the final
+    evaluation, a kill while the adapter was written): resuming it must not train again."""
+    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+class LogWindow(TrainerCallback):
+    """The HF Trainer's logging window (the loss summed since the last logged step) and running loss total,
+    carried across a resume. HF resets both in every train() call, so a run resumed mid-window logged the
+    mean of the resumed steps only (17.358 over steps 12-15 against 17.471 over 11-15, issue 12) and its
+    train_loss covered only the resumed steps. These are the Trainer's private `_tr_loss`,
+    `_globalstep_last_logged` and `_total_loss_scalar` (transformers 5.x): no public API exposes them."""
+
+    KEY = "log_window"
+
+    def __init__(self, trainer: Any, restore: dict[str, Any] | None) -> None:
+        self.trainer, self.restore = trainer, restore
+        self.saved: dict[str, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.restore:  # after HF's reset, before the first step
+            self.trainer._tr_loss.fill_(self.restore["window_loss_sum"])
+            self.trainer._globalstep_last_logged = self.restore["last_logged_step"]
+            self.trainer._total_loss_scalar = self.restore["logged_loss_sum"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs after the flow callback decided this step's log and save; HF logs (draining the window into
+        # the total) before it saves, so a checkpoint holds the window as it is after that log. Every rank
+        # restores the mean over ranks, as HF's log gathers it: the mean of the sums stays right.
+        if control.should_save:
+            window = nested_gather(self.trainer._tr_loss, args.parallel_mode).mean().item()
+            logs = control.should_log and state.global_step > self.trainer._globalstep_last_logged
+            self.saved = {
+                "window_loss_sum": 0.0 if logs else window,
+                "last_logged_step": state.global_step if logs else self.trainer._globalstep_last_logged,
+                "logged_loss_sum": self.trainer._total_loss_scalar + (window if logs else 0.0),
+            }
+
+    def run_loss_sum(self) -> float:
+        """The loss summed over every step up to the restored checkpoint."""
+        return (self.restore or {}).get("logged_loss_sum", 0.0) + (self.restore or {}).get("window_loss_sum", 0.0)

@@ -15,10 +15,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from peftlab.config import TrainConfig
-from peftlab.reliability.checkpoints import CarryState, RetentionCallback
+from peftlab.reliability.checkpoints import (
+    STATE_FILE,
+    CarryState,
+    LogWindow,
+    RetentionCallback,
+    carried_state,
+    finished,
+)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -74,9 +82,10 @@ class StopCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.request.signal_name is not None:
+            # No forced log here: the steps since the last log travel in the checkpoint (LogWindow), so the
+            # resumed run logs them at the step an uninterrupted run would.
             control.should_save = True
             control.should_training_stop = True
-            control.should_log = True  # the steps since the last log would otherwise be lost from metrics.jsonl
         return control
 
 
@@ -84,10 +93,17 @@ def train_resumable(trainer: Any, train: TrainConfig, resume_from: Path | None =
                     carry: Callable[[], dict[str, Any]] | None = None) -> Any:
     """`trainer.train()` that stops on SIGINT/SIGTERM with a checkpoint (then raises
     TrainingInterrupted), resumes from `resume_from`, keeps the last N checkpoints plus the best,
-    and saves `carry()` (task counters) inside every checkpoint."""
+    and saves `carry()` (task counters) and the open logging window inside every checkpoint.
+    Returns the Trainer's TrainOutput, its training_loss the mean over every step of the run (HF's
+    covers only the steps of this call). A checkpoint taken at max_steps is not trained on: its
+    weights are loaded and only what followed training (evaluation, adapter, samples) is left."""
     request = StopRequest()
-    for callback in (StopCallback(request), RetentionCallback(train.save_total_limit), CarryState(carry)):
+    window = LogWindow(trainer, carried_state(resume_from).get(LogWindow.KEY))
+    saved = CarryState(lambda: {**(carry() if carry else {}), LogWindow.KEY: window.saved})
+    for callback in (StopCallback(request), window, RetentionCallback(train.save_total_limit), saved):
         trainer.add_callback(callback)
+    if resume_from is not None and finished(resume_from):
+        return _restore_finished(trainer, resume_from, window)
     with on_stop_signals(request.handle):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     step = trainer.state.global_step
@@ -95,4 +111,17 @@ def train_resumable(trainer: Any, train: TrainConfig, resume_from: Path | None =
     # A signal after the last step's end found the loop already done: nothing left to stop.
     if request.signal_name is not None and checkpoint.is_dir():
         raise TrainingInterrupted(request.signal_name, step, checkpoint)
-    return result
+    if resume_from is not None and not window.restore:  # a checkpoint from before the window was carried
+        return result
+    return TrainOutput(step, trainer._total_loss_scalar / max(step, 1), result.metrics)
+
+
+def _restore_finished(trainer: Any, checkpoint: Path, window: LogWindow) -> Any:
+    """The Trainer as it was when its training loop ended at `checkpoint` (state, weights, best model)."""
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
+    trainer._load_from_checkpoint(str(checkpoint))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()
+    step = trainer.state.global_step
+    return TrainOutput(step, window.run_loss_sum() / max(step, 1), {})

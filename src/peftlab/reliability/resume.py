@@ -8,14 +8,13 @@ re-run after a crash are not logged twice.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from peftlab import runlock
 from peftlab.config import Recipe, load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.reliability.checkpoints import discard_incomplete, latest_complete, step_of
@@ -35,9 +34,22 @@ class ResumePlan:
         return step_of(self.checkpoint) or 0
 
 
-def plan_resume(ref: str, runs_dir: Path, recipe: Recipe | None = None) -> ResumePlan:
-    """Check that run `ref` can be resumed (with `recipe`, when given) and prepare its folder."""
+def plan_resume(ref: str, runs_dir: Path, recipe: Recipe | None = None, lock: bool = True) -> ResumePlan:
+    """Check that run `ref` can be resumed (with `recipe`, when given) and prepare its folder. With `lock`
+    (the writing process) the run's lock is taken first and held by the plan's run: a live run is refused."""
     run = open_run(ref, runs_dir)
+    fresh = lock and not runlock.holds(run.path)
+    if lock:
+        run.lock = runlock.acquire(run.path)
+    try:
+        return _plan(run, recipe)
+    except BaseException:
+        if fresh:
+            run.release()
+        raise
+
+
+def _plan(run: RunDir, recipe: Recipe | None) -> ResumePlan:
     saved = load_recipe(str(run.config_path))
     if recipe is not None:
         _check_same_recipe(recipe, run)
@@ -61,21 +73,12 @@ def _check_resumable(run: RunDir) -> None:
     if status == "completed":
         raise PeftlabError(f"run '{run.path}' already completed; nothing to resume; fix: train a new run (--name NEW)")
     pid = summary.get("pid")
-    if status == "running" and summary.get("host") == socket.gethostname() and pid and pid != os.getpid() and _alive(pid):
+    # A run written before run folders had a lock, or trained by a process that could not take it.
+    if status == "running" and pid != runlock.owner()["pid"] and runlock.process_alive(summary):
         raise PeftlabError(
             f"run '{run.path}' is still being trained by process {pid}; fix: stop it first "
             "(Ctrl-C or SIGTERM saves a checkpoint), then resume"
         )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _check_same_recipe(recipe: Recipe, run: RunDir) -> None:

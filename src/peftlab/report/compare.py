@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from peftlab.columns import ALWAYS, BY_NAME, COLUMNS, NA, Column, cell, text, view
 from peftlab.errors import PeftlabError
+from peftlab.runlock import shown_status
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -79,7 +80,7 @@ class Comparison:
 def run_row(source: Source) -> dict[str, Any]:
     summary = source.summary()
     row = {"run": source.name, "task": summary.get("task"), "method": summary.get("method"),
-           "status": summary.get("status")}
+           "status": shown_status(source.path, summary)}
     row.update({c.name: c.read(summary) for c in COLUMNS})
     # e.g. classify's f1_definition: which F1 "f1" is; shown under the tables
     row["definitions"] = {k: v for k, v in summary.items() if k.endswith("_definition") and isinstance(v, str)}

@@ -23,6 +23,7 @@ import yaml
 from peftlab import __version__
 from peftlab.report.compare import NA, Comparison, Source, compare, definitions, main_table, verdicts, vs_table
 from peftlab.report.plots import plot_runs
+from peftlab.runlock import DEAD, dead_reason, shown_status
 from peftlab.runs import RunDir, atomic_write_text, read_jsonl
 from peftlab.tasks import get_task, task_names
 
@@ -45,7 +46,7 @@ figure { margin: 0; } figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #59636e; font-size: .85rem; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .8rem; }
 .gen td { white-space: pre-wrap; max-width: 28rem; }
-.status-failed, .status-interrupted, .status-unreadable { color: #cf222e; font-weight: 600; }
+.status-failed, .status-interrupted, .status-unreadable, .status-dead { color: #cf222e; font-weight: 600; }
 .status-completed { color: #1a7f37; } .status-running { color: #9a6700; }
 details { margin: .6rem 0; } summary { cursor: pointer; font-weight: 600; }
 """
@@ -193,8 +194,8 @@ def recipe_differences(runs: list[Labelled]) -> str:
 
 def run_details(label: str, run: Source) -> str:
     summary = run.summary()
-    status = str(summary.get("status"))
-    why = " ".join(str(summary[k]) for k in ("reason", "diagnosis") if summary.get(k))
+    status = str(shown_status(run.path, summary))
+    why = dead_reason(run.path, summary) if status == DEAD else " ".join(str(summary[k]) for k in ("reason", "diagnosis") if summary.get(k))
     head = (f'<summary>{esc(label)}: <span class="status-{esc(status)}">{esc(status)}</span>'
             f"{esc(' - ' + why) if why else ''}</summary>")
     env = summary.get("environment") or {}

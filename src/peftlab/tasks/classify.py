@@ -27,6 +27,7 @@ from peftlab.engines import EngineResult, TrainJob
 from peftlab.engines.optimizers import resolve_optimizer
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt, loader
+from peftlab.models.base import trained_base
 from peftlab.models.precision import DTYPES
 from peftlab.runs import RunDir, atomic_write_json
 from peftlab.tasks.base import Prepared
@@ -249,9 +250,7 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]
     saved = json.loads((run.adapter_path / LABELS_FILE).read_text(encoding="utf-8"))
     labels = [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))]
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
-    context = run_context(recipe)
-    base = loader.load_sequence_classifier(recipe.model, DTYPES[context.precision], context.attn_implementation,
-                                           labels, tokenizer.pad_token_id)
+    base, _ = trained_base(recipe, loader.load_sequence_classifier, labels=labels, pad_token_id=tokenizer.pad_token_id)
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer, labels
 

@@ -26,6 +26,7 @@ from peftlab.data.instructions import (
 from peftlab.distributed import shards_weights
 from peftlab.engines import EngineResult, TrainJob
 from peftlab.models import adapt, loader
+from peftlab.models.base import trained_base
 from peftlab.models.memory import GIB, estimate_memory
 from peftlab.models.precision import DTYPES
 from peftlab.runs import RunDir, atomic_write_text
@@ -155,8 +156,7 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    context = run_context(recipe)
-    base = loader.load_causal_lm(recipe.model, DTYPES[context.precision], context.attn_implementation)
+    base, _ = trained_base(recipe, loader.load_causal_lm)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer

@@ -89,6 +89,16 @@ class HealthGuard:
                     f"of the first {rule.window} ({recent:.4g} > {rule.factor:g} x {early:.4g})")
         return None
 
+    def carry(self) -> dict[str, Any]:
+        """What a checkpoint carries for a resumed run's guard to decide as the uninterrupted run's: the strikes
+        and the logged losses the divergence rule reads (the first and the last window)."""
+        w = self.divergence.window
+        losses = self._losses if len(self._losses) <= 2 * w else self._losses[:w] + self._losses[-w:]
+        return {"strikes": self._strikes, "losses": losses}
+
+    def restore(self, carried: dict[str, Any]) -> None:
+        self._strikes, self._losses = carried["strikes"], list(carried["losses"])
+
     def diagnosis(self, problem: str) -> str:
         """The probable causes of `problem` that apply to this run, most specific first, each with its fix."""
         from peftlab.models.loader import attention_risk

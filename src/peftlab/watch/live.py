@@ -3,7 +3,8 @@
 New metric records print as lines; below them a status line shows the step, the latest loss with a
 small sparkline, steps/s, the ETA and how long ago the run last logged (a stale run is visible). It
 ends when summary.json's status leaves "running". Works on a run in another process or on another
-machine's shared folder: it only reads files, and reads metrics.jsonl incrementally.
+machine's shared folder: it only reads files, and reads metrics.jsonl incrementally. A run whose
+process died without recording its end (SIGKILL, a full disk) is `dead` and ends the watch too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from rich.live import Live
 from rich.text import Text
 
 from peftlab.columns import key_metric_text, key_metrics, number
-from peftlab.runs import RunDir
+from peftlab.errors import PeftlabError
+from peftlab.runlock import DEAD, dead_reason, shown_status
+from peftlab.runs import RunDir, open_run
 from peftlab.secrets import redact
 from peftlab.watch.console import console, duration, format_record, say
 
@@ -141,6 +144,8 @@ def follow(run: RunDir, interval: float = 2.0, sleep: Callable[[float], None] = 
     with Live(console=console(), auto_refresh=False, transient=True) as live:
         while True:
             summary = _read_summary(run, summary)  # before the metrics: a final status implies all lines are written
+            if summary:  # else not written yet: the run is starting
+                summary = {**summary, "status": shown_status(run.path, summary)}
             for record in tail.read():
                 live.console.print(redact(format_record(record)), markup=False, highlight=False)  # as Progress.log
                 if record.get("kind", "train") == "train":
@@ -153,6 +158,27 @@ def follow(run: RunDir, interval: float = 2.0, sleep: Callable[[float], None] = 
             sleep(interval)
     say(line)
     status = str(summary.get("status"))
-    why = summary.get("diagnosis") or summary.get("reason")
+    why = dead_reason(run.path, summary) if status == DEAD else summary.get("diagnosis") or summary.get("reason")
     say(f"run {status}" + (f": {why}" if why else "") + f"  ({key_metric_text(key_metrics(summary))})")
     return status
+
+
+def wait_for_run(ref: str, runs_dir: Path, timeout: float, interval: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> RunDir:
+    """The run `ref`, waiting up to `timeout` seconds for its folder to appear (`watch` started just before `train`)."""
+    deadline = clock() + timeout
+    waiting = False
+    while True:
+        try:
+            return open_run(ref, runs_dir)
+        except PeftlabError:
+            if clock() >= deadline:
+                raise PeftlabError(
+                    f"run '{ref}' not found after waiting {timeout:g}s (no config.yaml in '{ref}' or "
+                    f"'{Path(runs_dir) / ref}'); fix: check the name with `peftlab runs` or --runs-dir, or start "
+                    "the run first (--timeout SECONDS waits longer)"
+                ) from None
+            if not waiting:
+                say(f"waiting up to {timeout:g}s for run '{ref}' to start (--timeout)")
+                waiting = True
+            sleep(interval)
