@@ -83,20 +83,27 @@ def fast_sets() -> list[str]:
     return [arg for key, value in FAST.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, list[str]]]:
-    """Run `peftlab ARGS` in-process through the real entry point; returns (exit code, non-empty output lines)."""
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `peftlab ARGS` in-process through the real entry point; returns (exit code, stdout, stderr)."""
     from peftlab.cli import main
 
+    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, list[str]]]:
+    """`peftlab ARGS` in-process (see run_main); returns (exit code, non-empty output lines, stdout then stderr)."""
+
     def invoke(*args: str) -> tuple[int, list[str]]:
-        monkeypatch.setattr(sys, "argv", ["peftlab", *args])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return code, [line for line in (out.out + out.err).splitlines() if line.strip()]
+        code, out, err = run_main(monkeypatch, capsys, *args)
+        return code, [line for line in (out + err).splitlines() if line.strip()]
 
     return invoke

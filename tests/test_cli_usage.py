@@ -3,24 +3,15 @@ stderr, exit 2, naming what was wrong; `--version` prints the version and exits 
 
 from __future__ import annotations
 
-import sys
-
 import pytest
+from conftest import run_main
 
 from peftlab import __version__
-from peftlab.cli import main
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, list[str]]:
-    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
+    code, out, err = run_main(monkeypatch, capsys, *args)
+    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def test_version_prints_and_exits_0(monkeypatch, capsys):

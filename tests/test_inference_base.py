@@ -43,8 +43,8 @@ def test_a_qlora_sft_run_reloads_on_its_4bit_base(kbit_prep, tiny_recipe, runs_d
     model, tokenizer = sft.load_for_inference(run, load_recipe(str(run.config_path)))  # what `generate` uses
     assert quantized_layers(model) > 0
     data = build_instruction_data(recipe.data, loader.load_tokenizer(recipe.model), recipe.seed)
-    evaluator = SFTTrainer(model=model, args=sft_config(recipe.train, recipe.seed, RunDir(tmp_path).checkpoints_path, "fp32",
-                                                           recipe.data.max_length),
+    args = sft_config(recipe.train, recipe.seed, RunDir(tmp_path).checkpoints_path, "fp32", recipe.data.max_length)
+    evaluator = SFTTrainer(model=model, args=args,
                            train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer)
     assert evaluator.evaluate()["eval_loss"] == pytest.approx(run.summary()["eval_loss"], rel=LOSS_TOLERANCE)
 

@@ -11,6 +11,7 @@ from conftest import FAST
 from test_resume import as_sets, signal_during_step, train_records
 
 from peftlab.config import load_recipe, with_overrides
+from peftlab.engines.hf import CountingSFTTrainer, CountingTrainer
 from peftlab.runner import INTERRUPTED_EXIT, run_recipe
 from peftlab.runs import RunDir
 
@@ -49,19 +50,18 @@ def test_records_after_a_resume_mid_logging_window_are_the_uninterrupted_ones(ti
     assert_same_records(run, straight)
 
 
-def interrupt_final_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C (a real SIGINT) while the final evaluation runs, after the last checkpoint was written."""
-    from peftlab.engines.hf import CountingSFTTrainer
+def interrupt_first_call(monkeypatch: pytest.MonkeyPatch, trainer: type, method: str) -> None:
+    """Ctrl-C (a real SIGINT) at the first call of `trainer.method` (the final evaluation: after the last
+    checkpoint was written)."""
+    original, sent = getattr(trainer, method), []
 
-    original, sent = CountingSFTTrainer.evaluate, []
-
-    def evaluate(self, *args, **kwargs):
+    def interrupted(self, *args, **kwargs):
         if not sent:
             sent.append(1)
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(CountingSFTTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, method, interrupted)
 
 
 AT_MAX = {"train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "eval.compare_base": False}
@@ -82,7 +82,7 @@ def test_resume_from_a_checkpoint_at_max_steps_trains_nothing_more(when, four_st
         if when == "last step":
             signal_during_step(patch, 4, signal.SIGTERM)
         else:
-            interrupt_final_evaluation(patch)
+            interrupt_first_call(patch, CountingSFTTrainer, "evaluate")
         code, _ = cli("train", "tiny-gemma2-dolly", *fast_sets, *as_sets(changes), "--runs-dir", str(runs_dir),
                       "--name", "stopped")
     run = RunDir(runs_dir / "stopped")
@@ -98,20 +98,10 @@ def test_resume_from_a_checkpoint_at_max_steps_trains_nothing_more(when, four_st
 def test_a_classify_run_stopped_in_its_final_evaluation_resumes_to_the_same_results(tiny_classifier, runs_dir, cli,
                                                                                    monkeypatch):
     """With train.best_metric: the resumed run reloads the best checkpoint, as the loop's end did."""
-    from peftlab.engines.hf import CountingTrainer
-
     recipe = tiny_classifier({"data.classify.test": None})
     straight = run_recipe(recipe, runs_dir, "straight", show_progress=False)
-    original, sent = CountingTrainer.predict, []
-
-    def predict(self, *args, **kwargs):
-        if not sent:
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(CountingTrainer, "predict", predict)
+        interrupt_first_call(patch, CountingTrainer, "predict")
         with pytest.raises(KeyboardInterrupt):
             run_recipe(recipe, runs_dir, "stopped", show_progress=False)
     code, lines = cli("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
