@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from peftlab import aliases
 from peftlab.errors import PeftlabError, did_you_mean
 
 DEFAULT_TEMPLATE = (
@@ -297,6 +298,8 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     """A built-in recipe name or a YAML path, plus `a.b=c` overrides, validated."""
     path = _find_recipe(ref)
     data = _read_yaml(path)
+    if isinstance(data, dict):  # aliases first, so that a --set of our name replaces the YAML's alias
+        aliases.normalize(data, _is_field, str(path))
     for item in overrides or []:
         _apply_override(data, item)
     return validate_recipe(data, origin=str(path))
@@ -305,6 +308,7 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
 def validate_recipe(data: Any, origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise PeftlabError(f"{origin}: a recipe must be a YAML mapping, found {type(data).__name__}; fix: start from `peftlab recipes`")
+    aliases.normalize(data, _is_field, origin)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -349,6 +353,9 @@ def _apply_override(data: dict, item: str) -> None:
         value = raw
     node = data
     parts = key.strip().split(".")
+    target = aliases.resolve(parts[:-1], parts[-1], _is_field)
+    if target is not None:
+        parts, value = target, aliases.convert(parts[-1], value, f"--set '{item}'")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -366,7 +373,8 @@ def _describe(exc: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         prefix = "".join(f"{p}." for p in loc[:-1])
         valid = [prefix + k for k in _valid_keys(loc[:-1])]
-        msg = f"unknown key '{key}'; {did_you_mean(key, valid)}"
+        alias = aliases.suggestion(loc[-1], _valid_keys(loc[:-1]))
+        msg = f"unknown key '{key}'; {alias or did_you_mean(key, valid)}"
     else:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
@@ -375,6 +383,10 @@ def _describe(exc: ValidationError) -> str:
             msg = first["msg"].removeprefix("Value error, ")
     more = len(errors) - 1
     return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
+
+
+def _is_field(loc: list[str], key: str) -> bool:
+    return key in _valid_keys(loc)
 
 
 def _valid_keys(loc: list[str]) -> list[str]:
