@@ -153,3 +153,19 @@ def test_alias_conflicts_and_hints(data, expected):
     with pytest.raises(PeftlabError) as err:
         validate_recipe(data)
     assert expected in str(err.value)
+
+
+def test_recipes_show_and_copy_start_a_recipe_of_ones_own(cli, tmp_path):
+    code, lines = cli("recipes", "show", "tiny-gemma2-dolly")
+    shipped = builtin_recipes()["tiny-gemma2-dolly"].read_text(encoding="utf-8")
+    assert code == 0 and lines[0].startswith("#") and lines == [line for line in shipped.splitlines() if line.strip()]
+    target = tmp_path / "mine.yaml"
+    assert cli("recipes", "copy", "tiny-gemma2-dolly", str(target))[0] == 0
+    assert target.read_text(encoding="utf-8") == shipped
+    assert load_recipe(str(target), ["train.lr=1e-3"]).train.lr == 1e-3
+    code, lines = cli("recipes", "copy", "tiny-gemma2-dolly", str(target))
+    assert code == 2 and lines[-1].startswith(f"error: {target}: already exists")
+    code, lines = cli("recipes", "show", "tiny-gema2-dolly")
+    assert code == 2 and "did you mean 'tiny-gemma2-dolly'?" in lines[-1]
+    code, lines = cli("recipes")
+    assert code == 0 and any("tiny-gemma2-dolly" in line for line in lines)

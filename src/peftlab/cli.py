@@ -36,8 +36,19 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|diffusers|huggingface_hub)\b.*")
 
 
-@app.command()
-def recipes() -> None:
+recipes_app = typer.Typer(help="The built-in recipes: list them, show one with its comments, copy one to edit.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List the built-in recipes (`recipes show NAME`, `recipes copy NAME PATH` for one of them)."""
+    if ctx.invoked_subcommand is None:
+        list_recipes()
+
+
+@recipes_app.command("list")
+def list_recipes() -> None:
     """List the built-in recipes."""
     from peftlab.config import builtin_recipes, load_recipe
 
@@ -46,6 +57,30 @@ def recipes() -> None:
         r = load_recipe(str(path))
         rows.append([name, r.task, r.model.source, r.data.source, r.method.name])
     print_table(["recipe", "task", "model", "data", "method"], rows)
+
+
+@recipes_app.command("show")
+def show_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")]) -> None:
+    """Print a built-in recipe as written, comments included."""
+    from peftlab.config import builtin_recipe_text
+
+    sys.stdout.write(builtin_recipe_text(name))
+
+
+@recipes_app.command("copy")
+def copy_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")],
+                path: Annotated[Path, typer.Argument(help="the new YAML file, e.g. my-recipe.yaml")],
+                force: Annotated[bool, typer.Option(help="replace the file if it exists")] = False) -> None:
+    """Copy a built-in recipe to PATH, to start a recipe of your own (`peftlab train PATH`)."""
+    from peftlab.config import builtin_recipe_text
+    from peftlab.runs import atomic_write_text
+
+    if path.exists() and not force:
+        raise PeftlabError(f"{path}: already exists; fix: choose another path, or --force to replace it")
+    if path.parent and not path.parent.is_dir():
+        raise PeftlabError(f"{path.parent}: no such folder; fix: create it first, or choose another path")
+    atomic_write_text(path, builtin_recipe_text(name))
+    say(f"wrote {path}; edit it, then: peftlab train {path}")
 
 
 @app.command()

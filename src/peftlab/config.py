@@ -294,6 +294,14 @@ def builtin_recipes() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
+def builtin_recipe_text(name: str) -> str:
+    """A built-in recipe's YAML as shipped, comments included."""
+    builtins = builtin_recipes()
+    if name not in builtins:
+        raise PeftlabError(f"recipe '{name}': not a built-in recipe; {did_you_mean(name, builtins)}")
+    return builtins[name].read_text(encoding="utf-8")
+
+
 def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     """A built-in recipe name or a YAML path, plus `a.b=c` overrides, validated."""
     path = _find_recipe(ref)
