@@ -60,6 +60,7 @@ STANDARD_NAMES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "max_seq_length": ("data.max_length", None),  # TRL before 0.20
     "sequence_len": ("data.max_length", None),  # axolotl
     "dataset_name": ("data.source", None),
+    "report_to": ("tracking.report_to", None),
     "model_name_or_path": ("model.source", None),
     "base_model": ("model.source", None),  # axolotl
     # peft LoraConfig / BitsAndBytesConfig, flat as axolotl and LLaMA-Factory write them

@@ -231,12 +231,34 @@ class SweepConfig(Section):
     pruner_warmup_steps: int = Field(0, ge=0, description="training steps before a trial can be pruned")
 
 
-class TrackingConfig(Section):
-    """Optional experiment tracking; the run folder stays the source of truth."""
+TRACKERS = ("wandb", "tensorboard", "mlflow", "trackio")
 
-    wandb: bool = False
-    project: str = "peftlab"
-    mode: Literal["offline", "online"] = Field("offline", description="offline needs no account or key")
+
+class TrackingConfig(Section):
+    """Optional experiment trackers, fed the same records as metrics.jsonl; the run folder stays the record."""
+
+    report_to: list[Literal["wandb", "tensorboard", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="trackers to mirror the run to (the Trainer's report_to names)"
+    )
+    wandb: bool = Field(False, description="the same as report_to: [wandb] (kept for older recipes)")
+    project: str = Field("peftlab", description="W&B/trackio project, MLflow experiment")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files inside the run folder, no account; online: the tracker's own server/login"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        # The Trainer's forms: "none", one name, a list, or "all" (every tracker peftlab knows).
+        if value in ("none", None):
+            return []
+        if value == "all":
+            return list(TRACKERS)
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def trackers(self) -> list[str]:
+        return list(dict.fromkeys([*self.report_to, *(["wandb"] if self.wandb else [])]))
 
 
 class Recipe(Section):
