@@ -168,3 +168,15 @@ def test_runs_at_60_columns_show_every_name_whole(make_run, runs_dir, encoding):
                          text=True, check=True, env=env, encoding=encoding).stdout
     assert all(name in out for name in long_names), out
     assert "\u2026" not in out and "eval loss 1.2500" in out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_honour_the_umask(runs_dir, umask):
+    previous = os.umask(umask)
+    try:
+        run = RunDir.create(runs_dir, f"shared-{umask:o}", load_recipe("tiny-gemma2-dolly"))
+        run.update_summary(status="completed")
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "summary.json"):
+        assert (run.path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
