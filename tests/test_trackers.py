@@ -25,7 +25,7 @@ recipe = load_recipe("tiny-gemma2-dolly", ["report_to=" + sys.argv[2]])
 run = RunDir.create(Path(sys.argv[1]), "tracked", recipe)
 trackers = start_trackers(recipe.tracking, run, recipe.to_dict())
 for step, loss in enumerate(json.loads(sys.argv[3]), 1):
-    trackers.log({"step": step, "kind": "train", "loss": loss, "lr": 1e-3}, step=step)
+    trackers.log({"step": step, "kind": "train", "loss": loss, "lr": 1e-3})
 trackers.finish()
 print("NOTES " + json.dumps(trackers.notes))
 """
@@ -49,7 +49,7 @@ def test_tensorboard_events_hold_the_losses(tmp_path):
     assert "tensorboard (offline)" in notes[0]
     events = EventAccumulator(str(run / "tensorboard" / "tracked"))
     events.Reload()
-    assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == list(enumerate(LOSSES, 1))
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == list(enumerate(LOSSES, 1))
 
 
 def test_mlflow_database_holds_the_losses_and_the_recipe(tmp_path):
@@ -57,7 +57,7 @@ def test_mlflow_database_holds_the_losses_and_the_recipe(tmp_path):
     run, notes = track(tmp_path, "mlflow")
     assert "mlflow (offline)" in notes[0]
     with sqlite3.connect(run / "mlflow.db") as db:
-        losses = db.execute("select step, value from metrics where key = 'loss' order by step").fetchall()
+        losses = db.execute("select step, value from metrics where key = 'train/loss' order by step").fetchall()
         params = dict(db.execute("select key, value from params").fetchall())
     assert [(s, round(v, 4)) for s, v in losses] == list(enumerate(LOSSES, 1))
     assert params["train.lr"] == str(load_recipe("tiny-gemma2-dolly").train.lr)
@@ -69,7 +69,7 @@ def test_trackio_database_holds_the_losses(tmp_path):
     assert "trackio (offline)" in notes[0]
     with sqlite3.connect(run / "trackio" / "peftlab.db") as db:
         rows = db.execute("select step, metrics from metrics order by step").fetchall()
-    assert [(step, round(json.loads(m)["loss"], 4)) for step, m in rows if "loss" in json.loads(m)] == list(enumerate(LOSSES, 1))
+    assert [(step, round(json.loads(m)["train/loss"], 4)) for step, m in rows if "train/loss" in json.loads(m)] == list(enumerate(LOSSES, 1))
 
 
 def test_wandb_offline_run_needs_no_key(tmp_path):
@@ -78,17 +78,28 @@ def test_wandb_offline_run_needs_no_key(tmp_path):
     assert "wandb (offline)" in notes[0] and "wandb sync" in notes[0]
     runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
-    assert not (tmp_path / ".netrc").exists()  # nothing was logged in
+    assert not (tmp_path / ".netrc").exists()  # nothing was logged in, no key asked for or stored
 
 
-def test_a_missing_tracker_is_a_note_not_an_error(tmp_path, monkeypatch):
+def test_off_by_default_and_the_trainer_never_reports_itself(tmp_path):
+    from peftlab.engines.hf import trainer_arguments
+
+    recipe = load_recipe("tiny-dialogpt-banking77")
+    run = RunDir.create(tmp_path, "untracked", recipe)
+    trackers = start_trackers(recipe.tracking, run, recipe.to_dict())
+    assert trackers.active == {} and trackers.notes == []
+    assert trainer_arguments(recipe.train, recipe.seed, run.checkpoints_path, "fp32")["report_to"] == "none"
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow", "tensorboard", "trackio"])
+def test_a_missing_tracker_is_a_note_not_an_error(tmp_path, monkeypatch, name):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    recipe = load_recipe("tiny-gemma2-dolly", ["report_to=mlflow"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: None if module == name else real(module, *a))
+    recipe = load_recipe("tiny-gemma2-dolly", [f"report_to={name}"])
     trackers = start_trackers(recipe.tracking, RunDir.create(tmp_path, "x", recipe), recipe.to_dict())
-    assert trackers.active == {} and "pip install 'peftlab[trackers]'" in trackers.notes[0]
+    assert trackers.active == {} and f"{name} is not installed (pip install 'peftlab[trackers]')" in trackers.notes[0]
 
 
 def test_a_broken_tracker_is_dropped_with_a_note():
@@ -99,5 +110,5 @@ def test_a_broken_tracker_is_dropped_with_a_note():
             raise OSError("disk full")
 
     trackers = Trackers(active={"tensorboard": Broken()})
-    trackers.log({"loss": 1.0}, step=1)
+    trackers.log({"kind": "train", "step": 1, "loss": 1.0})
     assert trackers.active == {} and "tensorboard stopped (OSError: disk full)" in trackers.notes[0]

@@ -128,3 +128,13 @@ def print_table(headers: list[str], rows: list[list[str]], title: str | None = N
         say(f"[{number}/{len(rows)}]")
         for header, cell in zip(headers, row, strict=False):
             say(f"  {header.ljust(pad)}  {cell}")
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 2h03m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
