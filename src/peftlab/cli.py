@@ -328,6 +328,28 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
 
 
 @app.command()
+def export(run: Annotated[str, typer.Argument(help="run folder or name")],
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="the model folder (default: <run>-merged beside the run)")] = None,
+           push: Annotated[str | None, typer.Option(help="then upload to this hub repo (user/name), created private")] = None,
+           runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
+    """Merge a run's adapter into its base (QLoRA: into the dequantised base) and write a safetensors model that
+    transformers (diffusers, for SD) loads, with a model card from the run's summary."""
+    quiet_libraries()
+    from peftlab.config import load_recipe
+    from peftlab.export import describe, export_run
+    from peftlab.export import push as push_folder
+    from peftlab.runs import open_run
+
+    folder = open_run(run, runs_dir)
+    out = out or folder.path.parent / f"{folder.name}-merged"
+    exported = export_run(folder, load_recipe(str(folder.config_path)), out)
+    for line in describe(folder, out, exported):
+        say(line)
+    if push:
+        say(f"pushed: {push_folder(out, push)}")
+
+
+@app.command()
 def demo(runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     """No arguments, no GPU, no network: tiny-gemma2-dolly with LoRA and QLoRA on the bundled Dolly data."""
     from peftlab.config import load_recipe

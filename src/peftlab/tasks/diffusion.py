@@ -33,7 +33,7 @@ from peftlab.models import diffusion as sd
 from peftlab.models.precision import DTYPES, resolve_precision
 from peftlab.report.grids import Grid
 from peftlab.runs import RunDir, atomic_dir
-from peftlab.tasks.base import Prepared
+from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup
 from peftlab.watch.console import say
 from peftlab.watch.guard import RunContext
@@ -394,11 +394,12 @@ def sample_grid(recipe: Recipe, setup: DiffusionSetup, unet: Any) -> Grid:
     return Grid(rows, list(columns), recipe.data.images.resolution, cells)
 
 
-def load_for_inference(run: RunDir, recipe: Recipe) -> Any:
-    """The base pipeline (full precision, as LoRA adapters are usually served) with the run's adapter loaded."""
+def load_for_inference(run: RunDir, recipe: Recipe, **components: Any) -> Any:
+    """The base pipeline (full precision, as LoRA adapters are usually served, unless `components` replace a part)
+    with the run's adapter loaded."""
     precision = resolve_precision(recipe.train.precision, MODEL_TYPE)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = sd.load_pipeline(recipe.model, DTYPES[precision], device)
+    pipeline = sd.load_pipeline(recipe.model, DTYPES[precision], device, **components)
     try:
         pipeline.load_lora_weights(str(run.adapter_path))
     except (RuntimeError, ValueError, OSError) as exc:
@@ -410,6 +411,22 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> Any:
     # stays on and every image is drawn with a random mask.
     pipeline.unet.eval()
     return pipeline
+
+
+def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+    """The whole pipeline with the LoRA fused into its UNet (for qlora: into the dequantised 4-bit UNet, the weights
+    it was trained against), as StableDiffusionPipeline.from_pretrained loads it."""
+    components = {}
+    if recipe.method.name == "qlora":
+        dtype = DTYPES[resolve_precision(recipe.train.precision, MODEL_TYPE)]
+        quant = sd.unet_quantization_config(recipe.method.quant, dtype)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        components["unet"] = sd.load_parts(recipe.model, dtype, device, quant).unet.dequantize()
+    pipeline = load_for_inference(run, recipe, **components)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return Exported("diffusers", "text-to-image", "StableDiffusionPipeline.from_pretrained('{path}')")
 
 
 def generate_images(pipeline: Any, recipe: Recipe, prompts: list[str], out_dir: Path, seeds: list[int] | None = None,
