@@ -64,3 +64,35 @@ def test_bad_exports_are_one_line(qlora_run, cli, monkeypatch):
     (qlora_run / "empty" / "summary.json").write_text('{"status": "failed"}')
     code, lines = cli("export", "empty", "--runs-dir", str(qlora_run))
     assert code == 2 and "has no adapter/" in lines[-1]
+
+
+def test_diffusion_qlora_serves_and_exports_its_trained_4bit_unet(tmp_path, cli, monkeypatch):
+    """generate runs on the 4-bit UNet the adapter was trained with; export merges into its dequantised weights;
+    both compute the same function."""
+    import bitsandbytes
+    from diffusers import StableDiffusionPipeline
+
+    from peftlab.config import load_recipe
+    from peftlab.runs import RunDir
+    from peftlab.tasks import diffusion
+
+    # One CPU path: bitsandbytes repacks 4-bit weights for its AVX512-BF16 kernel at a layer's first no-grad forward.
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False, raising=False)
+    runs = tmp_path / "runs"
+    code, _ = cli("train", "tiny-sd-vangogh", "--set", "method.name=qlora", "--set", "train.max_steps=2",
+                  "--set", "data.max_samples=4", "--set", "eval.prompts=[]", "--set", "train.precision=fp32",
+                  "--name", "sdq", "--runs-dir", str(runs))
+    assert code == 0
+    run = RunDir(runs / "sdq")
+    recipe = load_recipe(str(run.config_path))
+    served = diffusion.load_for_inference(run, recipe).unet
+    assert any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in served.modules())
+    assert cli("export", "sdq", "--runs-dir", str(runs))[0] == 0
+    merged = StableDiffusionPipeline.from_pretrained(runs / "sdq-merged").unet.eval()
+    assert not any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in merged.modules())
+    cfg = merged.config
+    torch.manual_seed(0)
+    sample = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    states, t = torch.randn(1, 8, cfg.cross_attention_dim), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(merged(sample, t, states).sample, served(sample, t, states).sample, rtol=1e-4, atol=1e-4)
