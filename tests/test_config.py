@@ -101,3 +101,71 @@ def test_cli_bad_recipe_is_one_error_line_exit_2(args, expected, tmp_path):
     assert proc.returncode == 2
     assert len(output) == 1 and output[0].startswith("error: ") and expected in output[0], output
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("learning_rate=1e-3", "train.lr", 1e-3),
+    ("train.learning_rate=1e-3", "train.lr", 1e-3),
+    ("per_device_train_batch_size=4", "train.batch_size", 4),
+    ("micro_batch_size=4", "train.batch_size", 4),
+    ("gradient_accumulation_steps=2", "train.grad_accum", 2),
+    ("num_train_epochs=2", "train.epochs", 2.0),
+    ("lr_scheduler_type=linear", "train.scheduler", "linear"),
+    ("metric_for_best_model=loss", "train.best_metric", "eval_loss"),
+    ("bf16=true", "train.precision", "bf16"),
+    ("max_seq_length=99", "data.max_length", 99),
+    ("lora_r=4", "method.lora.r", 4),
+    ("lora_alpha=8", "method.lora.alpha", 8),
+    ("lora_dropout=0.2", "method.lora.dropout", 0.2),
+    ("lora_target_modules=[q_proj]", "method.lora.target_modules", ["q_proj"]),
+    ("adapter=qlora", "method.name", "qlora"),
+    ("load_in_4bit=true", "method.name", "qlora"),
+    ("bnb_4bit_compute_dtype=bfloat16", "method.quant.compute_dtype", "bf16"),
+    ("model_name_or_path=preset:tiny-gpt2", "model.source", "preset:tiny-gpt2"),
+    ("logging_steps=3", "train.logging_steps", 3),
+])
+def test_standard_names_are_aliases_of_our_fields(override, field, value):
+    recipe = load_recipe("tiny-gemma2-dolly", [override, "eval_steps=6", "save_steps=6"])
+    node = recipe
+    for part in field.split("."):
+        node = getattr(node, part)
+    assert node == value
+    assert "learning_rate" not in recipe.to_yaml()  # the saved recipe speaks our names only
+
+
+def test_aliases_in_a_yaml_file_and_our_name_from_set_wins(tmp_path):
+    path = tmp_path / "hf-style.yaml"
+    path.write_text("base_model: preset:tiny-gemma2\nlearning_rate: 3.0e-4\nlora_alpha: 8\n"
+                    "train:\n  gradient_accumulation_steps: 2\n")
+    recipe = load_recipe(str(path), ["train.lr=1e-4"])
+    assert (recipe.model.source, recipe.train.lr, recipe.method.lora.alpha, recipe.train.grad_accum) == (
+        "preset:tiny-gemma2", 1e-4, 8, 2)
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"learning_rate": 1e-3, "train": {"lr": 2e-3}}, "'learning_rate' and 'train.lr' are the same field"),
+    ({"bf16": False}, "bf16: only `bf16: true` has a meaning here"),
+    ({"train": {"learning_rat": 1}}, "unknown key 'train.learning_rat'; did you mean 'train.lr'? ('learning_rate'"),
+    ({"gradient_accumulation_step": 2}, "did you mean 'train.grad_accum'? ('gradient_accumulation_steps'"),
+    ({"train": {"lrr": 1}}, "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+])
+def test_alias_conflicts_and_hints(data, expected):
+    with pytest.raises(PeftlabError) as err:
+        validate_recipe(data)
+    assert expected in str(err.value)
+
+
+def test_recipes_show_and_copy_start_a_recipe_of_ones_own(cli, tmp_path):
+    code, lines = cli("recipes", "show", "tiny-gemma2-dolly")
+    shipped = builtin_recipes()["tiny-gemma2-dolly"].read_text(encoding="utf-8")
+    assert code == 0 and lines[0].startswith("#") and lines == [line for line in shipped.splitlines() if line.strip()]
+    target = tmp_path / "mine.yaml"
+    assert cli("recipes", "copy", "tiny-gemma2-dolly", str(target))[0] == 0
+    assert target.read_text(encoding="utf-8") == shipped
+    assert load_recipe(str(target), ["train.lr=1e-3"]).train.lr == 1e-3
+    code, lines = cli("recipes", "copy", "tiny-gemma2-dolly", str(target))
+    assert code == 2 and lines[-1].startswith(f"error: {target}: already exists")
+    code, lines = cli("recipes", "show", "tiny-gema2-dolly")
+    assert code == 2 and "did you mean 'tiny-gemma2-dolly'?" in lines[-1]
+    code, lines = cli("recipes")
+    assert code == 0 and any("tiny-gemma2-dolly" in line for line in lines)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from peftlab import engines
-from peftlab.config import load_recipe, with_overrides
+from peftlab.config import TrackingConfig, load_recipe, with_overrides
 from peftlab.engines import TrainJob, resolve_engine
 from peftlab.engines.hooks import TrainingHooks
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.runs import RunDir
-from peftlab.tracking import Tracker, Tracking
+from peftlab.tracking import start_trackers
 from peftlab.watch.console import Progress
 from peftlab.watch.guard import Divergence, HealthGuard, RunContext
 from peftlab.watch.monitor import BatchCounter
@@ -152,8 +152,7 @@ def test_a_resumed_session_goes_on_with_the_open_logging_window_and_the_guard_hi
 
 def test_tracking_off_tracks_nothing(runs_dir) -> None:
     run = RunDir.create(runs_dir, "untracked", load_recipe("tiny-gemma2-dolly"))
-    tracker = Tracker(Tracking(), run, {})
-    tracker.start()
+    tracker = start_trackers(TrackingConfig(), run, {})
     tracker.log({"kind": "train", "step": 1, "loss": 1.0})
     tracker.finish()
     assert not (run.path / "wandb").exists()

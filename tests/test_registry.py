@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -155,3 +156,27 @@ def test_a_broken_index_never_fails_a_training_run(make_run, runs_dir, capsys):
     assert "warning: run registry not updated" in capsys.readouterr().out
     with pytest.raises(PeftlabError, match=r"run index .* not usable"):
         Registry(runs_dir).query()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_runs_at_60_columns_show_every_name_whole(make_run, runs_dir, encoding):
+    long_names = ["alpaca-lora-r16-lr2e-4-20261130-101500", "alpaca-qlora-r16-lr2e-4-20261130-101501"]
+    for name in long_names:
+        make_run(name, {"eval_loss": 1.25})
+    env = {**os.environ, "COLUMNS": "60", "PYTHONIOENCODING": encoding}
+    out = subprocess.run([sys.executable, "-m", "peftlab", "runs", "--runs-dir", str(runs_dir)], capture_output=True,
+                         text=True, check=True, env=env, encoding=encoding).stdout
+    assert all(name in out for name in long_names), out
+    assert "\u2026" not in out and "eval loss 1.2500" in out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_honour_the_umask(runs_dir, umask):
+    previous = os.umask(umask)
+    try:
+        run = RunDir.create(runs_dir, f"shared-{umask:o}", load_recipe("tiny-gemma2-dolly"))
+        run.update_summary(status="completed")
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "summary.json"):
+        assert (run.path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -189,3 +189,70 @@ def test_compare_report_runs_and_watch(trained, world, task, capsys) -> None:
     capsys.readouterr()
     code, _ = world.peftlab("watch", task, "--runs-dir", runs_dir)
     assert code == 0 and "run completed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_export(trained, world, task) -> None:
+    """The merged model its library loads computes what the base + adapter computes; the card says what it is."""
+    import torch
+
+    from peftlab.config import load_recipe
+
+    run, _ = trained[task]
+    out = world.runs_dir / f"{task}-merged"
+    code, _ = world.peftlab("export", task, "--runs-dir", str(world.runs_dir), "--out", str(out))
+    assert code == 0 and (out / "README.md").is_file()
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"- {task}" in card and "base_model: " in card and KEY_METRIC[task] in card
+    recipe = load_recipe(str(run.config_path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        exported, reference = EXPORTED[task](out, run, recipe)
+    assert torch.allclose(exported, reference, rtol=1e-4, atol=1e-4), (exported - reference).abs().max()
+
+
+def _lm_outputs(out, run, recipe):
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.tasks import sft
+
+    ids = torch_ids()
+    model, _ = sft.load_for_inference(run, recipe)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    return merged.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+
+
+def _classifier_outputs(out, run, recipe):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.tasks import classify
+
+    ids = torch_ids()
+    model, _, labels = classify.load_for_inference(run, recipe)
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    assert [merged.config.id2label[i] for i in range(len(labels))] == labels
+    return merged.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+
+
+def _unet_outputs(out, run, recipe):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from peftlab.tasks import diffusion
+
+    reference = diffusion.load_for_inference(run, recipe).unet
+    merged = StableDiffusionPipeline.from_pretrained(out).unet.eval()
+    cfg = merged.config
+    sample = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    states = torch.randn(1, 8, cfg.cross_attention_dim)
+    t = torch.tensor([10])
+    return merged(sample, t, states).sample, reference(sample, t, states).sample
+
+
+EXPORTED = {"sft": _lm_outputs, "classify": _classifier_outputs, "diffusion": _unet_outputs}
+
+
+def torch_ids():
+    import torch
+
+    return torch.randint(3, 200, (2, 12))

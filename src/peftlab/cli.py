@@ -51,8 +51,19 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|diffusers|huggingface_hub)\b.*")
 
 
-@app.command()
-def recipes() -> None:
+recipes_app = typer.Typer(help="The built-in recipes: list them, show one with its comments, copy one to edit.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List the built-in recipes (`recipes show NAME`, `recipes copy NAME PATH` for one of them)."""
+    if ctx.invoked_subcommand is None:
+        list_recipes()
+
+
+@recipes_app.command("list")
+def list_recipes() -> None:
     """List the built-in recipes."""
     from peftlab.config import builtin_recipes, load_recipe
 
@@ -61,6 +72,30 @@ def recipes() -> None:
         r = load_recipe(str(path))
         rows.append([name, r.task, r.model.source, r.data.source, r.method.name])
     print_table(["recipe", "task", "model", "data", "method"], rows)
+
+
+@recipes_app.command("show")
+def show_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")]) -> None:
+    """Print a built-in recipe as written, comments included."""
+    from peftlab.config import builtin_recipe_text
+
+    sys.stdout.write(builtin_recipe_text(name))
+
+
+@recipes_app.command("copy")
+def copy_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")],
+                path: Annotated[Path, typer.Argument(help="the new YAML file, e.g. my-recipe.yaml")],
+                force: Annotated[bool, typer.Option(help="replace the file if it exists")] = False) -> None:
+    """Copy a built-in recipe to PATH, to start a recipe of your own (`peftlab train PATH`)."""
+    from peftlab.config import builtin_recipe_text
+    from peftlab.runs import atomic_write_text
+
+    if path.exists() and not force:
+        raise PeftlabError(f"{path}: already exists; fix: choose another path, or --force to replace it")
+    if path.parent and not path.parent.is_dir():
+        raise PeftlabError(f"{path.parent}: no such folder; fix: create it first, or choose another path")
+    atomic_write_text(path, builtin_recipe_text(name))
+    say(f"wrote {path}; edit it, then: peftlab train {path}")
 
 
 @app.command()
@@ -305,6 +340,28 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
         raise PeftlabError(f"run '{folder.path}' has no adapter/ (status {folder.shown_status()}); fix: pick a completed run")
     for line in get_task(recipe.task).generate(folder, recipe, prompt, max_new_tokens, seed, steps):
         say(line)
+
+
+@app.command()
+def export(run: Annotated[str, typer.Argument(help="run folder or name")],
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="the model folder (default: <run>-merged beside the run)")] = None,
+           push: Annotated[str | None, typer.Option(help="then upload to this hub repo (user/name), created private")] = None,
+           runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
+    """Merge a run's adapter into its base (QLoRA: into the dequantised base) and write a safetensors model that
+    transformers (diffusers, for SD) loads, with a model card from the run's summary."""
+    quiet_libraries()
+    from peftlab.config import load_recipe
+    from peftlab.export import describe, export_run
+    from peftlab.export import push as push_folder
+    from peftlab.runs import open_run
+
+    folder = open_run(run, runs_dir)
+    out = out or folder.path.parent / f"{folder.name}-merged"
+    exported = export_run(folder, load_recipe(str(folder.config_path)), out)
+    for line in describe(folder, out, exported):
+        say(line)
+    if push:
+        say(f"pushed: {push_folder(out, push)}")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from peftlab import aliases
 from peftlab.errors import PeftlabError, did_you_mean
 
 DEFAULT_TEMPLATE = (
@@ -267,12 +268,34 @@ class SweepConfig(Section):
     pruner_warmup_steps: int = Field(0, ge=0, description="training steps before a trial can be pruned")
 
 
-class TrackingConfig(Section):
-    """Optional experiment tracking; the run folder stays the source of truth."""
+TRACKERS = ("wandb", "tensorboard", "mlflow", "trackio")
 
-    wandb: bool = False
-    project: str = "peftlab"
-    mode: Literal["offline", "online"] = Field("offline", description="offline needs no account or key")
+
+class TrackingConfig(Section):
+    """Optional experiment trackers, fed the same records as metrics.jsonl; the run folder stays the record."""
+
+    report_to: list[Literal["wandb", "tensorboard", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="trackers to mirror the run to (the Trainer's report_to names)"
+    )
+    wandb: bool = Field(False, description="the same as report_to: [wandb] (kept for older recipes)")
+    project: str = Field("peftlab", description="W&B/trackio project, MLflow experiment")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files inside the run folder, no account; online: the tracker's own server/login"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        # The Trainer's forms: "none", one name, a list, or "all" (every tracker peftlab knows).
+        if value in ("none", None):
+            return []
+        if value == "all":
+            return list(TRACKERS)
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def trackers(self) -> list[str]:
+        return list(dict.fromkeys([*self.report_to, *(["wandb"] if self.wandb else [])]))
 
 
 class Recipe(Section):
@@ -341,10 +364,20 @@ def builtin_recipes() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
+def builtin_recipe_text(name: str) -> str:
+    """A built-in recipe's YAML as shipped, comments included."""
+    builtins = builtin_recipes()
+    if name not in builtins:
+        raise PeftlabError(f"recipe '{name}': not a built-in recipe; {did_you_mean(name, builtins)}")
+    return builtins[name].read_text(encoding="utf-8")
+
+
 def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     """A built-in recipe name or a YAML path, plus `a.b=c` overrides, validated."""
     path = _find_recipe(ref)
     data = _read_yaml(path)
+    if isinstance(data, dict):  # aliases first, so that a --set of our name replaces the YAML's alias
+        aliases.normalize(data, _is_field, str(path))
     for item in overrides or []:
         _apply_override(data, item)
     return validate_recipe(data, origin=str(path))
@@ -353,6 +386,7 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
 def validate_recipe(data: Any, origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise PeftlabError(f"{origin}: a recipe must be a YAML mapping, found {type(data).__name__}; fix: start from `peftlab recipes`")
+    aliases.normalize(data, _is_field, origin)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -397,6 +431,9 @@ def _apply_override(data: dict, item: str) -> None:
         value = raw
     node = data
     parts = key.strip().split(".")
+    target = aliases.resolve(parts[:-1], parts[-1], _is_field)
+    if target is not None:
+        parts, value = target, aliases.convert(parts[-1], value, f"--set '{item}'")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -414,7 +451,8 @@ def _describe(exc: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         prefix = "".join(f"{p}." for p in loc[:-1])
         valid = [prefix + k for k in _valid_keys(loc[:-1])]
-        msg = f"unknown key '{key}'; {did_you_mean(key, valid)}"
+        alias = aliases.suggestion(loc[-1], _valid_keys(loc[:-1]))
+        msg = f"unknown key '{key}'; {alias or did_you_mean(key, valid)}"
     else:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
@@ -423,6 +461,10 @@ def _describe(exc: ValidationError) -> str:
             msg = first["msg"].removeprefix("Value error, ")
     more = len(errors) - 1
     return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
+
+
+def _is_field(loc: list[str], key: str) -> bool:
+    return key in _valid_keys(loc)
 
 
 def _valid_keys(loc: list[str]) -> list[str]:

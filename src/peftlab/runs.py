@@ -34,6 +34,14 @@ from peftlab.secrets import redact, redact_recipe
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "diffusers", "peftlab")
 
 
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 less the umask (mkstemp's 0o600 would hide a run's
+    results from the teammates the umask lets read them)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str, redacted: bool = False) -> None:
     """Write via a temporary file + rename; secrets (tokens, API keys) are redacted on the way, unless the
     caller has `redacted` the text itself (a recipe: see secrets.redact_recipe)."""
@@ -42,6 +50,7 @@ def atomic_write_text(path: Path, text: str, redacted: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, _file_mode())
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()

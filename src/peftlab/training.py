@@ -20,7 +20,7 @@ from peftlab.reliability import TrainingInterrupted, carried_state
 from peftlab.runs import RunDir
 from peftlab.secrets import redact_recipe
 from peftlab.tasks import Prepared, Task, get_task
-from peftlab.tracking import Tracker, environment, plan
+from peftlab.tracking import start_trackers
 from peftlab.watch.console import Progress, say
 from peftlab.watch.guard import guard_for
 from peftlab.watch.memory import memory_kind, peak_memory_all_ranks, reset_peak_memory
@@ -31,26 +31,22 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     """Train `recipe` into `run` (or continue from the checkpoint `resume_from`); returns the summary fields.
     `listeners` follow the evaluations (a sweep's pruner)."""
     task = get_task(recipe.task)
-    tracking = plan(recipe.tracking, run)
-    if tracking.note:
-        say(f"note: {tracking.note}")
     prepared = task.prepare(recipe, run)
-    if tracking.note:
-        prepared.summary["notes"] = [*prepared.summary.get("notes", []), tracking.note]
     engine = resolve_engine(recipe.train.engine, prepared.job)
     carried = carried_state(resume_from)
     prepared.counter = prepared.counter_class(**carried.get("counter", {}))
     guard = guard_for(recipe.watch, prepared.context)
-    tracker = Tracker(tracking, run, redact_recipe(recipe.to_dict()))  # as config.yaml: no secrets
+    tracker = start_trackers(recipe.tracking, run, redact_recipe(recipe.to_dict()))  # as config.yaml: no secrets
+    for note in tracker.notes:
+        say(f"note: {note}")
+    prepared.summary["notes"] = [*prepared.summary.get("notes", []), *tracker.notes]
     hooks = TrainingHooks(run, prepared.counter, guard, Progress("train", show_progress), tracker, listeners, carried)
     run.update_summary(engine=engine.name, **prepared.summary)
     reset_peak_memory()
-    with environment(tracking):
-        tracker.start()
-        try:
-            return _train_and_finish(task, run, prepared, engine, hooks, resume_from)
-        finally:
-            tracker.finish()
+    try:
+        return _train_and_finish(task, run, prepared, engine, hooks, resume_from)
+    finally:
+        tracker.finish()
 
 
 def _train_and_finish(task: Task, run: RunDir, prepared: Prepared, engine: Engine, hooks: TrainingHooks,

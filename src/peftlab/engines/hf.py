@@ -36,8 +36,7 @@ from peftlab.watch.memory import peak_memory
 from peftlab.watch.monitor import BatchCounter
 
 
-def trainer_arguments(t: TrainConfig, seed: int, output_dir: Path, precision: str,
-                      report_to: list[str] | None = None) -> dict[str, Any]:
+def trainer_arguments(t: TrainConfig, seed: int, output_dir: Path, precision: str) -> dict[str, Any]:
     """TrainingArguments fields common to every Trainer-based job."""
     best = {}
     if t.best_metric:  # config checks that eval and save steps line up
@@ -68,7 +67,7 @@ def trainer_arguments(t: TrainConfig, seed: int, output_dir: Path, precision: st
         eval_steps=t.eval_steps,
         **checkpoint_args(t),
         **best,
-        report_to=report_to or "none",  # tracking goes through the hooks, the same for every engine
+        report_to="none",  # trackers are fed by the hooks (tracking.py), the same for every engine
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,

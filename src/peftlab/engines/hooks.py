@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from peftlab.runs import RunDir
-from peftlab.tracking import Tracker
+from peftlab.tracking import Trackers
 from peftlab.watch.console import Progress
 from peftlab.watch.guard import HealthGuard
 from peftlab.watch.memory import current_memory
@@ -43,7 +43,7 @@ class Listener(Protocol):
 
 class TrainingHooks:
     def __init__(self, run: RunDir, counter: Counter, guard: HealthGuard | None, progress: Progress,
-                 tracker: Tracker, listeners: Sequence[Listener] = (), carried: dict[str, Any] | None = None) -> None:
+                 tracker: Trackers, listeners: Sequence[Listener] = (), carried: dict[str, Any] | None = None) -> None:
         """`carried`: what `carry()` put in the checkpoint a resumed run starts from (counter restored by the caller)."""
         self.run, self.counter, self.guard, self.progress, self.tracker = run, counter, guard, progress, tracker
         self.listeners = list(listeners)

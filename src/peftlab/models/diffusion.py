@@ -326,3 +326,26 @@ def cast_4bit_outputs(model: nn.Module) -> int:
     for layer in layers:
         layer.register_forward_hook(to_autocast_dtype)
     return len(layers)
+
+
+def dequantize_unet(unet: nn.Module) -> nn.Module:
+    """The 4-bit UNet with plain nn.Linear layers holding its dequantised weights, and no quantization_config left in
+    its config (diffusers' `dequantize()` keeps it, so the saved model would be quantized again on load). On a CPU we
+    call diffusers' replacement directly: its `dequantize()` first moves a CPU model to CUDA, and bitsandbytes
+    dequantises on the CPU as well."""
+    if torch.cuda.is_available():
+        unet = unet.dequantize()
+    else:
+        from diffusers.quantizers.bitsandbytes.utils import dequantize_and_replace
+
+        quantizer = unet.hf_quantizer
+        unet = dequantize_and_replace(unet, quantizer.modules_to_not_convert,
+                                      quantization_config=quantizer.quantization_config)
+        del unet.hf_quantizer
+        unet.is_quantized = False
+    # register_to_config can add or replace a key but not remove one, and a None is still written (then read back
+    # as "pre-quantized"): rebuild the frozen config without it.
+    from diffusers.configuration_utils import FrozenDict
+
+    unet._internal_dict = FrozenDict({k: v for k, v in unet.config.items() if k != "quantization_config"})
+    return unet

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from peftlab.watch.monitor import BatchCounter
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peftlab.config import Recipe
     from peftlab.engines import EngineResult, LossKind, TrainJob
     from peftlab.runs import RunDir
@@ -46,6 +48,16 @@ class Prepared:
     summary: dict[str, Any] = field(default_factory=dict)  # summary.json fields known before training
     counter_class: type = BatchCounter  # what a micro-batch counts (tokens; images for diffusion)
     counter: Any = None  # the run's counter, set by the skeleton (restored from the checkpoint on resume)
+
+
+@dataclass
+class Exported:
+    """What a task's `export` wrote into the folder it was given: the facts the model card needs."""
+
+    library: str  # transformers | diffusers
+    pipeline_tag: str  # text-generation | text-classification | text-to-image
+    load: str  # a Python line that loads the folder
+    notes: list[str] = field(default_factory=list)
 
 
 class Task:
@@ -86,5 +98,10 @@ class Task:
     def generate(self, run: RunDir, recipe: Recipe, prompts: list[str], max_new_tokens: int | None = None,
                  seeds: list[int] | None = None, steps: int | None = None) -> list[str]:
         """`peftlab generate`: use the run's adapter on `prompts`; returns the lines to print."""
+        raise NotImplementedError
+
+    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+        """`peftlab export`: the run's adapter merged into the base it was trained on, written to `folder` as a model
+        its library loads (safetensors); returns what the model card says of it."""
         raise NotImplementedError
 

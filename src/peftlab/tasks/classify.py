@@ -30,7 +30,7 @@ from peftlab.models import adapt, loader
 from peftlab.models.base import trained_base
 from peftlab.models.precision import DTYPES
 from peftlab.runs import RunDir, atomic_write_json
-from peftlab.tasks.base import Prepared
+from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
 from peftlab.watch.console import print_table, say
 from peftlab.watch.guard import HealthGuard, RunContext
@@ -247,12 +247,34 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    saved = json.loads((run.adapter_path / LABELS_FILE).read_text(encoding="utf-8"))
-    labels = [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))]
+    labels = saved_labels(run)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_path)
     base, _ = trained_base(recipe, loader.load_sequence_classifier, labels=labels, pad_token_id=tokenizer.pad_token_id)
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer, labels
+
+
+def saved_labels(run: RunDir) -> list[str]:
+    """The label names in id order, as the run saved them beside its adapter."""
+    saved = json.loads((run.adapter_path / LABELS_FILE).read_text(encoding="utf-8"))
+    return [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))]
+
+
+def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+    """The adapter (LoRA + the trained head) merged into the base it was trained on (dequantised for qlora), with
+    the label names in config.json, + the run's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from peftlab.models.base import trained_base
+    from peftlab.models.merge import merged_model
+
+    labels, tokenizer = saved_labels(run), AutoTokenizer.from_pretrained(run.adapter_path)
+    loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
+    base, _ = trained_base(recipe, loader.load_sequence_classifier, labels=labels, pad_token_id=tokenizer.pad_token_id)
+    merged_model(base, run.adapter_path).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return Exported("transformers", "text-classification", "AutoModelForSequenceClassification.from_pretrained('{path}')",
+                    [f"{len(labels)} labels, names in config.json (id2label)"])
 
 
 @torch.no_grad()

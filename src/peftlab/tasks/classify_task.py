@@ -8,9 +8,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from peftlab.tasks.base import Prepared, Task, TaskView
+from peftlab.tasks.base import Exported, Prepared, Task, TaskView
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peftlab.config import Recipe
     from peftlab.engines import EngineResult
     from peftlab.runs import RunDir
@@ -53,3 +55,6 @@ class ClassifyTask(Task):
         predicted = classify.predict(model, tokenizer, labels, prompts, recipe.data.max_length)
         return [line for text, (label, probability) in zip(prompts, predicted, strict=True)
                 for line in (f"> {text}", f"{label} ({probability:.3f})")]
+
+    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+        return _impl().export(run, recipe, folder)

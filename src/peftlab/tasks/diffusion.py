@@ -33,7 +33,7 @@ from peftlab.models import diffusion as sd
 from peftlab.models.precision import DTYPES, resolve_precision
 from peftlab.report.grids import Grid
 from peftlab.runs import RunDir, atomic_dir
-from peftlab.tasks.base import Prepared
+from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup
 from peftlab.watch.console import say
 from peftlab.watch.guard import RunContext
@@ -72,12 +72,7 @@ def build(recipe: Recipe, device: torch.device) -> DiffusionSetup:
     if quant is None:
         unet.requires_grad_(False)
     else:
-        # No checkpointing flag here: peft's version of it calls get_input_embeddings(), which a UNet lacks;
-        # diffusers' own checkpointing (below) is non-reentrant and needs no input grads.
-        notes += adapt.prepare_kbit(unet, recipe.method.quant.kbit_prep, gradient_checkpointing=False)
-        if recipe.diffusion.cast_4bit_outputs and precision != "fp32":
-            hooked = sd.cast_4bit_outputs(unet)
-            notes.append(f"{hooked} Linear4bit layers return the autocast dtype ({precision}), as nn.Linear does")
+        notes += prepare_4bit_unet(recipe, unet, precision)
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     adapt.check_targets(unet, recipe.method.lora)
@@ -96,6 +91,30 @@ def build(recipe: Recipe, device: torch.device) -> DiffusionSetup:
     context = RunContext(MODEL_TYPE, precision, attn, recipe.train.lr, recipe.method.name, recipe.method.quant.compute_dtype)
     params = adapt.ParamCount(*PeftModel.get_nb_trainable_parameters(unet))  # peft's count, 4-bit aware
     return DiffusionSetup(parts, data, stats, context, params, facts, notes)
+
+
+def prepare_4bit_unet(recipe: Recipe, unet: Any, precision: str) -> list[str]:
+    """What a 4-bit UNet gets before its LoRA, in training and for inference alike: k-bit preparation and the
+    cast of Linear4bit outputs to the autocast dtype. Returns the notes."""
+    # No checkpointing flag here: peft's version of it calls get_input_embeddings(), which a UNet lacks;
+    # diffusers' own checkpointing is non-reentrant and needs no input grads.
+    notes = adapt.prepare_kbit(unet, recipe.method.quant.kbit_prep, gradient_checkpointing=False)
+    if recipe.diffusion.cast_4bit_outputs and precision != "fp32":
+        hooked = sd.cast_4bit_outputs(unet)
+        notes.append(f"{hooked} Linear4bit layers return the autocast dtype ({precision}), as nn.Linear does")
+    return notes
+
+
+def trained_unet(recipe: Recipe, device: torch.device) -> dict[str, Any]:
+    """The pipeline parts a QLoRA adapter was trained with (its 4-bit UNet, prepared as in training), as
+    `load_pipeline` components; none for LoRA, whose base is the plain pipeline."""
+    if recipe.method.name != "qlora":
+        return {}
+    precision = resolve_precision(recipe.train.precision, MODEL_TYPE)
+    dtype = DTYPES[precision]
+    parts = sd.load_parts(recipe.model, dtype, device, sd.unet_quantization_config(recipe.method.quant, dtype))
+    prepare_4bit_unet(recipe, parts.unet, precision)
+    return {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer}
 
 
 # ---------------------------------------------------------------- the objective
@@ -394,11 +413,15 @@ def sample_grid(recipe: Recipe, setup: DiffusionSetup, unet: Any) -> Grid:
     return Grid(rows, list(columns), recipe.data.images.resolution, cells)
 
 
-def load_for_inference(run: RunDir, recipe: Recipe) -> Any:
-    """The base pipeline (full precision, as LoRA adapters are usually served) with the run's adapter loaded."""
+def load_for_inference(run: RunDir, recipe: Recipe, dequantize: bool = False) -> Any:
+    """The pipeline the adapter was trained on (for qlora its 4-bit UNet, prepared as in training, or that UNet
+    dequantised with `dequantize`) with the run's adapter loaded."""
     precision = resolve_precision(recipe.train.precision, MODEL_TYPE)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = sd.load_pipeline(recipe.model, DTYPES[precision], device)
+    components = trained_unet(recipe, device)
+    if dequantize and components:
+        components["unet"] = sd.dequantize_unet(components["unet"])
+    pipeline = sd.load_pipeline(recipe.model, DTYPES[precision], device, **components)
     try:
         pipeline.load_lora_weights(str(run.adapter_path))
     except (RuntimeError, ValueError, OSError) as exc:
@@ -410,6 +433,16 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> Any:
     # stays on and every image is drawn with a random mask.
     pipeline.unet.eval()
     return pipeline
+
+
+def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+    """The whole pipeline with the LoRA fused into its UNet (for qlora: into the dequantised 4-bit UNet, the weights
+    it was trained against), as StableDiffusionPipeline.from_pretrained loads it."""
+    pipeline = load_for_inference(run, recipe, dequantize=True)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return Exported("diffusers", "text-to-image", "StableDiffusionPipeline.from_pretrained('{path}')")
 
 
 def generate_images(pipeline: Any, recipe: Recipe, prompts: list[str], out_dir: Path, seeds: list[int] | None = None,

@@ -10,9 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from peftlab.tasks.base import Prepared, Task, TaskView
+from peftlab.tasks.base import Exported, Prepared, Task, TaskView
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peftlab.config import Recipe
     from peftlab.engines import EngineResult
     from peftlab.runs import RunDir
@@ -50,3 +52,6 @@ class DiffusionTask(Task):
         pipeline = diffusion.load_for_inference(run, recipe)
         paths = diffusion.generate_images(pipeline, recipe, prompts, run.samples_path / "generated", seeds, steps)
         return [str(path) for path in paths]
+
+    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+        return _impl().export(run, recipe, folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from peftlab.models.base import trained_base
 from peftlab.models.memory import GIB, estimate_memory
 from peftlab.models.precision import DTYPES
 from peftlab.runs import RunDir, atomic_write_text
-from peftlab.tasks.base import Prepared
+from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
 from peftlab.watch.console import say
 from peftlab.watch.guard import RunContext
@@ -161,6 +162,20 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer
 
+
+
+def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+    """The adapter merged into the base it was trained on (dequantised for qlora) + the run's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from peftlab.models.base import trained_base
+    from peftlab.models.merge import merged_model
+
+    loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
+    base, _ = trained_base(recipe, loader.load_causal_lm)
+    merged_model(base, run.adapter_path).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(run.adapter_path).save_pretrained(folder)
+    return Exported("transformers", "text-generation", "AutoModelForCausalLM.from_pretrained('{path}')")
 
 
 # ---------------------------------------------------------------- doctor

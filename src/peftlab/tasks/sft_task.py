@@ -8,9 +8,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from peftlab.tasks.base import Prepared, Task, TaskView
+from peftlab.tasks.base import Exported, Prepared, Task, TaskView
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peftlab.config import Recipe
     from peftlab.engines import EngineResult
     from peftlab.runs import RunDir
@@ -49,3 +51,6 @@ class SftTask(Task):
         model, tokenizer = sft.load_for_inference(run, recipe)
         return [line for text in prompts
                 for line in (f"> {text}", sft.generate(model, tokenizer, text, recipe, max_new_tokens))]
+
+    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
+        return _impl().export(run, recipe, folder)

@@ -28,11 +28,12 @@ def harden_stdio() -> None:
 @lru_cache(maxsize=2)
 def console(stderr: bool = False) -> Console:
     harden_stdio()
-    # Not a terminal (CI logs, pipes): rich would assume 80 columns and squeeze the tables.
-    # In a multi-process run only rank 0 speaks.
+    # Not a terminal (CI logs, pipes): rich would assume 80 columns and squeeze the tables; an explicit
+    # COLUMNS is the user's width either way. In a multi-process run only rank 0 speaks.
     quiet = int(os.environ.get("RANK", "0")) != 0
     stream = sys.stderr if stderr else sys.stdout
-    return Console(highlight=False, soft_wrap=True, width=None if stream.isatty() else 200, quiet=quiet, stderr=stderr)
+    width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200
+    return Console(highlight=False, soft_wrap=True, width=width, quiet=quiet, stderr=stderr)
 
 
 def say(text: str = "", style: str | None = None) -> None:
@@ -112,14 +113,27 @@ class Progress:
 
 
 def print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """A table; one wider than the console becomes one block per row (`header  value` lines), so that
+    names and numbers are never cut to fit (rich would end them with an ellipsis, '?' on an ASCII console)."""
     from rich import box
+    from rich.measure import Measurement
     from rich.table import Table
 
     utf = (console().encoding or "").lower().replace("-", "").startswith("utf")
     table = Table(*headers, title=title, box=box.SIMPLE_HEAVY if utf else box.ASCII, show_lines=False)
     for row in rows:
         table.add_row(*row)
-    console().print(table)
+    natural = Measurement.get(console(), console().options.update_width(10**6), table).maximum
+    if natural <= console().width:
+        console().print(table)
+        return
+    if title:
+        say(title)
+    pad = max(map(len, headers), default=0)
+    for number, row in enumerate(rows, 1):
+        say(f"[{number}/{len(rows)}]")
+        for header, cell in zip(headers, row, strict=False):
+            say(f"  {header.ljust(pad)}  {cell}")
 
 
 def duration(seconds: float) -> str:
