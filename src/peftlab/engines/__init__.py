@@ -1,0 +1,1 @@
+"""Training engines: what runs the optimizer steps of a task (hf = the Trainer reference, fast = packed/compiled)."""
