@@ -44,7 +44,12 @@ class FastModel:
         self.precision = precision
         self.ce_chunk = ce_chunk
         self.mask_builder = mask_builder or attention.create_block_mask
+        self.original_attention = self.config._attn_implementation
         attention.use_packed_attention(peft_model)
+
+    def restore_attention(self) -> None:
+        """Give the model back its own attention (evaluation, generation and the Trainer use padded batches)."""
+        self.hf_model.set_attn_implementation(self.original_attention)
 
     @property
     def device(self) -> torch.device:
