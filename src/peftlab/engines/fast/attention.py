@@ -60,12 +60,33 @@ def layer_windows(config: Any) -> dict[str, int | None]:
 def block_masks(config: Any, document_ids: torch.Tensor, block_size: int = BLOCK_SIZE,
                 builder: Callable[..., BlockMask] = create_block_mask) -> BlockMask | dict[str, BlockMask]:
     """The attention_mask argument for a packed row: a dict of BlockMasks per layer type when the config has
-    layer types (Gemma 2/3), else one BlockMask (GPT-2). document_ids: [T] int32 on the model's device.
-    `builder` may be a torch.compile'd create_block_mask (on the GPU building the mask eagerly costs ms)."""
+    layer types (Gemma 2/3), else one BlockMask (GPT-2). document_ids: [T] int32 on the model's device."""
     T = document_ids.shape[0]
     kw = dict(B=None, H=None, Q_LEN=T, KV_LEN=T, device=document_ids.device, BLOCK_SIZE=block_size)
     masks = {t: builder(document_mask_mod(document_ids, w), **kw) for t, w in layer_windows(config).items()}
     return masks if getattr(config, "layer_types", None) else masks["full_attention"]
+
+
+class PackedMasks:
+    """block_masks for every micro-batch of one token budget, reading ONE device buffer of document ids.
+
+    Compiled code (the mask builder, the flex kernel inside compiled layers) then sees the same mask_mod
+    functions at every micro-batch, whose document ids are a tensor input: no recompilation per micro-batch.
+    `builder` may be torch.compile(create_block_mask) (building masks eagerly costs milliseconds of launches).
+    """
+
+    def __init__(self, config: Any, budget: int, device: torch.device, block_size: int = BLOCK_SIZE,
+                 builder: Callable[..., BlockMask] = create_block_mask) -> None:
+        self.document_ids = torch.full((budget,), -1, dtype=torch.int32, device=device)
+        self.layer_types = bool(getattr(config, "layer_types", None))
+        self.mask_mods = {t: document_mask_mod(self.document_ids, w) for t, w in layer_windows(config).items()}
+        self.kw = dict(B=None, H=None, Q_LEN=budget, KV_LEN=budget, device=device, BLOCK_SIZE=block_size)
+        self.builder = builder
+
+    def __call__(self, document_ids: torch.Tensor) -> BlockMask | dict[str, BlockMask]:
+        self.document_ids.copy_(document_ids, non_blocking=True)
+        masks = {t: self.builder(mod, **self.kw) for t, mod in self.mask_mods.items()}
+        return masks if self.layer_types else masks["full_attention"]
 
 
 def mask_arguments(config: Any, masks: BlockMask | dict[str, BlockMask]) -> dict[str, Any]:

@@ -44,8 +44,16 @@ class FastModel:
         self.precision = precision
         self.ce_chunk = ce_chunk
         self.mask_builder = mask_builder or attention.create_block_mask
+        self._masks: dict[int, attention.PackedMasks] = {}  # per token budget
         self.original_attention = self.config._attn_implementation
         attention.use_packed_attention(peft_model)
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Activation checkpointing of the decoder layers (transformers' own, non-reentrant)."""
+        if enabled:
+            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.hf_model.gradient_checkpointing_disable()
 
     def restore_attention(self) -> None:
         """Give the model back its own attention (evaluation, generation and the Trainer use padded batches)."""
@@ -70,7 +78,10 @@ class FastModel:
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[T, H] last hidden states of the packed row (batch already on the device)."""
-        masks = attention.block_masks(self.config, batch.document_ids, builder=self.mask_builder)
+        if batch.budget not in self._masks:
+            self._masks[batch.budget] = attention.PackedMasks(self.config, batch.budget, self.device,
+                                                              builder=self.mask_builder)
+        masks = self._masks[batch.budget](batch.document_ids)
         with self._autocast():
             out = self.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                                 **attention.mask_arguments(self.config, masks))
