@@ -86,3 +86,18 @@ def test_cache_key_follows_shapes_and_the_cache_round_trips(tmp_path, monkeypatc
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
     assert cache.save() == {"bytes": 16}
     assert cache.load() and loaded == [b"compiled kernels"]
+
+
+def test_model_flops_is_the_reference_formula():
+    """bench-hf's sft_gemma2.model_flops for gemma-2-2b, written out: 26 layers of q,k,v,o + 3 MLP maps."""
+    from peftlab.config import ModelConfig
+    from peftlab.engines.fast.flops import model_flops
+    from peftlab.models.loader import load_model_config
+
+    config = load_model_config(ModelConfig(source="preset:gemma-2-2b"))
+    n_layers = 26 * (2304 * 2048 + 2 * 2304 * 1024 + 2048 * 2304 + 3 * 2304 * 9216)
+    n_head = 256000 * 2304
+    assert model_flops(config, 1000, 50_000, False) == (4 * n_layers + 4 * n_head) * 1000 + 12 * 26 * 2048 * 50_000
+    assert model_flops(config, 1000, 50_000, True) == (6 * n_layers + 4 * n_head) * 1000 + 16 * 26 * 2048 * 50_000
+    gpt2 = load_model_config(ModelConfig(source="preset:dialogpt-medium"))
+    assert model_flops(gpt2, 10, 0, False, lm_head=False) == 4 * 24 * 12 * 1024 * 1024 * 10

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from peftlab.engines.fast.loss import chunk_loss_and_grad
 from peftlab.engines.fast.model import FastModel
 from peftlab.models.presets import cache_root
 from peftlab.runs import atomic_dir
@@ -35,6 +36,12 @@ def compile_layers(model: FastModel, mode: str | None = None, backend: str = "in
     for layer in model.decoder_layers:
         layer.compile(dynamic=False, mode=mode, backend=backend)
     return len(model.decoder_layers)
+
+
+def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:
+    """Fuse the elementwise passes of the chunked LM loss (softcap, softmax, gradient) over each [chunk x vocab]
+    block of logits into a few kernels; chunks have one static shape (plus the last one's)."""
+    model.ce_core = torch.compile(chunk_loss_and_grad, dynamic=False, backend=backend)
 
 
 def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool) -> str:

@@ -10,15 +10,18 @@ softcap support for every family and is not in the GPU image; this is a few line
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from peftlab.engines.fast.packing import IGNORE_INDEX
 
 DEFAULT_CHUNK = 4096
+ChunkCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
                          softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [C, V], targets [C] (-100 = none), weights [C] -> (sum_i w_i CE_i in fp32, d/d logits [C, V])."""
     x = logits.float()
@@ -44,13 +47,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i w_i * CE(softcap(h_i @ W^T), t_i), with the gradient w.r.t. h built chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, softcap, chunk):  # noqa: D102
+    def forward(ctx, hidden, weight, targets, weights, softcap, chunk, core):  # noqa: D102
         grad_hidden = torch.empty_like(hidden)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
             logits = hidden[start:end] @ weight.t()
-            part, grad_logits = _chunk_loss_and_grad(logits, targets[start:end], weights[start:end], softcap)
+            part, grad_logits = core(logits, targets[start:end], weights[start:end], softcap)
             loss = loss + part
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         ctx.save_for_backward(grad_hidden)
@@ -59,22 +62,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: D102
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
                     target_weights: torch.Tensor, softcap: float | None = None,
-                    chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                    chunk: int = DEFAULT_CHUNK, core: ChunkCore | None = None) -> torch.Tensor:
     """Weighted LM loss without materialising all logits.
 
     hidden [N, H] (the decoder's last hidden states), head_weight [V, H] (frozen LM head / tied embedding),
     targets [N] int64 (-100 = no target), target_weights [N] float32 -> scalar fp32 sum_i w_i CE_i.
     With w_i = 1 / (trained tokens of the optimizer step) this is transformers' ForCausalLMLoss with
-    num_items_in_batch. Errors: ValueError when the head weight requires grad (this function gives it none).
+    num_items_in_batch. `core`: the per-chunk function (chunk_loss_and_grad, or a torch.compile of it that fuses
+    its elementwise passes over the [chunk x vocab] logits). Errors: ValueError when the head weight requires
+    grad (this function gives it none).
     """
     if head_weight.requires_grad:
         raise ValueError("chunked_lm_loss gives the LM head no gradient; it must be frozen (LoRA does not train it)")
-    return ChunkedLinearCrossEntropy.apply(hidden, head_weight, targets, target_weights, softcap, chunk)
+    return ChunkedLinearCrossEntropy.apply(hidden, head_weight, targets, target_weights, softcap, chunk,
+                                           core or chunk_loss_and_grad)
 
 
 def full_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from peftlab.engines.fast import attention
-from peftlab.engines.fast.loss import DEFAULT_CHUNK, chunked_lm_loss, classification_loss
+from peftlab.engines.fast.loss import DEFAULT_CHUNK, ChunkCore, chunked_lm_loss, classification_loss
 from peftlab.engines.fast.packing import PackedBatch, Task
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3_text", "gemma3", "gpt2")
@@ -43,6 +43,7 @@ class FastModel:
         self.backbone = getattr(self.hf_model, self.hf_model.base_model_prefix)
         self.precision = precision
         self.ce_chunk = ce_chunk
+        self.ce_core: ChunkCore | None = None  # compile.compile_loss_core sets a compiled one
         self.mask_builder = mask_builder or attention.create_block_mask
         self._masks: dict[int, attention.PackedMasks] = {}  # per token budget
         self.original_attention = self.config._attn_implementation
@@ -97,4 +98,4 @@ class FastModel:
                                            batch.class_weights)
             head = self.hf_model.get_output_embeddings().weight
             return chunked_lm_loss(hidden, head, batch.targets, batch.target_weights,
-                                   getattr(self.config, "final_logit_softcapping", None), self.ce_chunk)
+                                   getattr(self.config, "final_logit_softcapping", None), self.ce_chunk, self.ce_core)

@@ -1,6 +1,7 @@
 """The planner: the token budget per micro-batch and whether to checkpoint activations, from measurement.
 
-Two measurements decide, both cheap:
+Two measurements decide, both cheap (trials from the largest budget down: the first plain step that fits
+ends them, as memory grows with the budget):
   * padding, on the host: the recipe's optimizer steps (a sample of them) packed at each candidate budget give
     the rows per step and the padded share; a budget far above a step's tokens is wasted work, one below it
     splits the step into more rows (more launches, less work per kernel);
@@ -102,12 +103,14 @@ def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: i
     step_tokens_max = max(sum(len(r["input_ids"]) for r in step) for step in steps)
     limit = memory_limit_gib or (DEVICE_FRACTION * device_gib if device_gib else None)
     candidates = []
-    for budget in candidate_budgets(max_length, step_tokens_max):
+    fits_below = False  # peak memory grows with the budget: once one fits, every smaller one does (not measured)
+    for budget in reversed(candidate_budgets(max_length, step_tokens_max)):
         rows, padding = padding_cost(steps, budget, task, batch_size)
         for checkpointing in (False, True):
-            peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib else None
+            peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib and not fits_below else None
             candidates.append(Candidate(budget, rows, padding, peak, checkpointing))
             if peak is None or limit is None or peak <= limit:
+                fits_below = fits_below or (peak is not None and not checkpointing)
                 break  # checkpointing only when the plain step does not fit
     fitting = [c for c in candidates if c.peak_gib is None or limit is None or c.peak_gib <= limit]
     if not fitting:
