@@ -93,6 +93,10 @@ def create_block_mask():
     return builder
 
 
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
 def timed_step(loop: FastLoop, micro: list[PackedBatch], hooks: Counter, sync: bool) -> float:
     t0 = time.perf_counter()
     loop.step(micro, hooks)
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
                   trial_peak_gib=trial_peak_gib(fast, "sft", MAX_LENGTH) if device.type == "cuda" else None,
                   memory_limit_gib=args.memory_limit_gib, device_gib=device_gib)
     plan_s = time.perf_counter() - t0
+    say(f"init {init_s:.1f}s; plan {plan_s:.1f}s: {chosen.describe()}")
     budget = args.budget or chosen.budget
     checkpointing = chosen.gradient_checkpointing if not args.budget else False
     fast.set_checkpointing(checkpointing)
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     fast.peft_model.train()
     hooks = Counter()
     warm = [timed_step(loop, packed[i], hooks, sync=True) for i in range(args.warmup)]
+    say(f"warm-up steps (the first compiles): {[round(w, 2) for w in warm]} s")
     saved = cache.save() if args.compile else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

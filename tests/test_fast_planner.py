@@ -42,8 +42,24 @@ def test_plan_respects_the_memory_cap_and_checkpoints_only_when_needed():
     assert capped.budget == 2048 and not capped.gradient_checkpointing and capped.peak_gib <= 5.0
     tight = plan(steps, "sft", 1, 768, trial, memory_limit_gib=1.0)
     assert tight.budget == 768 and tight.gradient_checkpointing and tight.peak_gib <= 1.0
+    assert "trial peak 4.0 GiB under the 5.0 GiB cap" in capped.describe()
     with pytest.raises(ValueError, match="memory_limit_gib"):
         plan(steps, "sft", 1, 768, trial, memory_limit_gib=0.1)
+
+
+def test_plan_bounds_an_unmeasured_smaller_budget_by_the_larger_trial():
+    """Trials stop at the first (largest) budget that fits; a smaller chosen budget reports that peak as a bound."""
+    steps = steps_of([[500, 500]] * 9 + [[700] * 6])  # mostly 1k-token steps, one of 4.2k
+    trials = []
+
+    def trial(budget, checkpointing):
+        trials.append(budget)
+        return budget / 1024
+
+    chosen = plan(steps, "sft", 1, 768, trial)
+    assert trials == [8192] and chosen.budget == 1024
+    assert chosen.peak_gib == 8.0 and chosen.peak_budget == 8192
+    assert "trial peak <= 8192-token trial's 8.0 GiB" in chosen.describe()
 
 
 def tiny_fast_model():

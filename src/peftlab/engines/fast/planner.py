@@ -48,7 +48,8 @@ class Plan:
 
     budget: int
     gradient_checkpointing: bool
-    peak_gib: float | None
+    peak_gib: float | None  # measured at `peak_budget` (= budget, or a larger one: then an upper bound)
+    peak_budget: int | None
     limit_gib: float | None
     rows_per_step: float
     padding_fraction: float
@@ -59,8 +60,12 @@ class Plan:
         return asdict(self)
 
     def describe(self) -> str:
-        memory = (f"trial peak {self.peak_gib:.1f} GiB" + (f" under the {self.limit_gib:.1f} GiB cap" if self.limit_gib else "")
-                  if self.measured_memory else "memory not measured (no CUDA device)")
+        if self.peak_gib is None:
+            memory = "memory not measured (no CUDA device)"
+        else:
+            bound = "" if self.peak_budget == self.budget else f" <= {self.peak_budget}-token trial's"
+            memory = f"trial peak{bound} {self.peak_gib:.1f} GiB"
+            memory += f" under the {self.limit_gib:.1f} GiB cap" if self.limit_gib else ""
         return (f"fast engine plan: {self.budget} tokens per micro-batch, {self.rows_per_step:.2f} rows per optimizer "
                 f"step, {100 * self.padding_fraction:.1f}% padding, activation checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}; {memory}")
@@ -119,7 +124,11 @@ def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: i
                          f"checkpointing peaks at {smallest.peak_gib:.1f} GiB > {limit:.1f} GiB")
     best = min(fitting, key=lambda c: (c.checkpointing,
                                        c.rows_per_step * (c.budget + ROW_OVERHEAD_TOKENS)))
-    return Plan(best.budget, best.checkpointing, best.peak_gib, limit, best.rows_per_step, best.padding_fraction,
+    measured = best if best.peak_gib is not None else min(
+        (c for c in fitting if c.peak_gib is not None and not c.checkpointing and c.budget > best.budget),
+        key=lambda c: c.budget, default=None)
+    return Plan(best.budget, best.checkpointing, measured.peak_gib if measured else None,
+                measured.budget if measured else None, limit, best.rows_per_step, best.padding_fraction,
                 trial_peak_gib is not None, tuple(candidates))
 
 
