@@ -7,9 +7,12 @@ from peftlab.engines.fast.loop import FastLoop, LoopResult, LoopSettings, StepHo
 from peftlab.engines.fast.loss import chunked_lm_loss, classification_loss
 from peftlab.engines.fast.model import FastModel
 from peftlab.engines.fast.packing import PackedBatch, pack_step, packed_steps, step_rows, total_steps
+from peftlab.engines.fast.planner import Plan, plan
+from peftlab.engines.fast.trainer import FastReport, FastTrainer, unsupported
 
 __all__ = [
-    "ATTENTION_NAME", "FastLoop", "FastModel", "LoopResult", "LoopSettings", "PackedBatch", "StepHooks",
-    "block_masks", "chunked_lm_loss", "classification_loss", "document_mask_mod", "pack_step", "packed_steps",
-    "step_rows", "total_steps", "use_packed_attention",
+    "ATTENTION_NAME", "FastLoop", "FastModel", "FastReport", "FastTrainer", "LoopResult", "LoopSettings",
+    "PackedBatch", "Plan", "StepHooks", "block_masks", "chunked_lm_loss", "classification_loss",
+    "document_mask_mod", "pack_step", "packed_steps", "plan", "step_rows", "total_steps", "unsupported",
+    "use_packed_attention",
 ]
