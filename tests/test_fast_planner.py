@@ -43,23 +43,22 @@ def test_plan_respects_the_memory_cap_and_checkpoints_only_when_needed():
     tight = plan(steps, "sft", 1, 768, trial, memory_limit_gib=1.0)
     assert tight.budget == 768 and tight.gradient_checkpointing and tight.peak_gib <= 1.0
     assert "trial peak 4.0 GiB under the 5.0 GiB cap" in capped.describe()
+    assert [c.budget for c in capped.candidates] == [8192, 4096, 2048]  # cheapest first, until one fits
     with pytest.raises(ValueError, match="memory_limit_gib"):
         plan(steps, "sft", 1, 768, trial, memory_limit_gib=0.1)
 
 
-def test_plan_bounds_an_unmeasured_smaller_budget_by_the_larger_trial():
-    """Trials stop at the first (largest) budget that fits; a smaller chosen budget reports that peak as a bound."""
+def test_trials_stop_at_the_cheapest_budget_that_fits():
+    """Usually one trial runs: the cheapest budget by padding, which is then the run's first compiled step."""
     steps = steps_of([[500, 500]] * 9 + [[700] * 6])  # mostly 1k-token steps, one of 4.2k
     trials = []
 
     def trial(budget, checkpointing):
-        trials.append(budget)
+        trials.append((budget, checkpointing))
         return budget / 1024
 
-    chosen = plan(steps, "sft", 1, 768, trial)
-    assert trials == [8192] and chosen.budget == 1024
-    assert chosen.peak_gib == 8.0 and chosen.peak_budget == 8192
-    assert "trial peak <= 8192-token trial's 8.0 GiB" in chosen.describe()
+    chosen = plan(steps, "sft", 1, 768, trial, memory_limit_gib=40.0)
+    assert trials == [(1024, False)] and chosen.budget == 1024 and chosen.peak_gib == 1.0
 
 
 def tiny_fast_model():

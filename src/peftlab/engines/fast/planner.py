@@ -1,16 +1,16 @@
 """The planner: the token budget per micro-batch and whether to checkpoint activations, from measurement.
 
-Two measurements decide, both cheap (trials from the largest budget down: the first plain step that fits
-ends them, as memory grows with the budget):
-  * padding, on the host: the recipe's optimizer steps (a sample of them) packed at each candidate budget give
-    the rows per step and the padded share; a budget far above a step's tokens is wasted work, one below it
+Two measurements decide:
+  * padding, on the host (cheap): the recipe's optimizer steps (a sample of them) packed at each candidate budget
+    give the rows per step and the padded share; a budget far above a step's tokens is wasted work, one below it
     splits the step into more rows (more launches, less work per kernel);
-  * memory, on the device: one trial forward+backward of a full row at a candidate budget, with and without
-    activation checkpointing, read from torch.cuda.max_memory_allocated.
-Rule: among the candidates whose trial peak fits the cap (train.memory_limit_gib, else 90% of the device),
-without checkpointing when that fits (it costs a third more compute), pick the one with the least padded
-tokens per step, counting each row as ROW_OVERHEAD_TOKENS more (the fixed cost of launching a row). On the
-CPU there is no memory to measure: the plan says so and uses padding alone.
+  * memory, on the device: a trial forward+backward of a full row (documents of max_length: the worst case),
+    read from torch.cuda.max_memory_allocated, with the model as it will train (compiled: the first trial is
+    then the run's own compile).
+Rule: candidates in order of cost (padded tokens per step, each row counted ROW_OVERHEAD_TOKENS more for its
+fixed cost), without activation checkpointing first (it costs a third more compute); the first whose trial fits
+the cap (train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU
+there is no memory to measure: the cheapest budget, and the plan says so.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ class Plan:
 
     budget: int
     gradient_checkpointing: bool
-    peak_gib: float | None  # measured at `peak_budget` (= budget, or a larger one: then an upper bound)
-    peak_budget: int | None
+    peak_gib: float | None  # the trial step's peak at this budget (None: not measured)
     limit_gib: float | None
     rows_per_step: float
     padding_fraction: float
@@ -63,9 +62,8 @@ class Plan:
         if self.peak_gib is None:
             memory = "memory not measured (no CUDA device)"
         else:
-            bound = "" if self.peak_budget == self.budget else f" <= {self.peak_budget}-token trial's"
-            memory = f"trial peak{bound} {self.peak_gib:.1f} GiB"
-            memory += f" under the {self.limit_gib:.1f} GiB cap" if self.limit_gib else ""
+            memory = f"trial peak {self.peak_gib:.1f} GiB" + (f" under the {self.limit_gib:.1f} GiB cap"
+                                                              if self.limit_gib else "")
         return (f"fast engine plan: {self.budget} tokens per micro-batch, {self.rows_per_step:.2f} rows per optimizer "
                 f"step, {100 * self.padding_fraction:.1f}% padding, activation checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}; {memory}")
@@ -107,29 +105,20 @@ def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: i
     """
     step_tokens_max = max(sum(len(r["input_ids"]) for r in step) for step in steps)
     limit = memory_limit_gib or (DEVICE_FRACTION * device_gib if device_gib else None)
-    candidates = []
-    fits_below = False  # peak memory grows with the budget: once one fits, every smaller one does (not measured)
-    for budget in reversed(candidate_budgets(max_length, step_tokens_max)):
-        rows, padding = padding_cost(steps, budget, task, batch_size)
-        for checkpointing in (False, True):
-            peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib and not fits_below else None
-            candidates.append(Candidate(budget, rows, padding, peak, checkpointing))
+    costs = {b: padding_cost(steps, b, task, batch_size) for b in candidate_budgets(max_length, step_tokens_max)}
+    cheapest_first = sorted(costs, key=lambda b: costs[b][0] * (b + ROW_OVERHEAD_TOKENS))
+    candidates: list[Candidate] = []
+    for checkpointing in (False, True):  # checkpointing only when no plain step fits
+        for budget in cheapest_first:
+            peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib else None
+            candidates.append(Candidate(budget, *costs[budget], peak, checkpointing))
             if peak is None or limit is None or peak <= limit:
-                fits_below = fits_below or (peak is not None and not checkpointing)
-                break  # checkpointing only when the plain step does not fit
-    fitting = [c for c in candidates if c.peak_gib is None or limit is None or c.peak_gib <= limit]
-    if not fitting:
-        smallest = min(candidates, key=lambda c: c.peak_gib or 0.0)
-        raise ValueError(f"train.memory_limit_gib: even {smallest.budget} tokens per micro-batch with activation "
-                         f"checkpointing peaks at {smallest.peak_gib:.1f} GiB > {limit:.1f} GiB")
-    best = min(fitting, key=lambda c: (c.checkpointing,
-                                       c.rows_per_step * (c.budget + ROW_OVERHEAD_TOKENS)))
-    measured = best if best.peak_gib is not None else min(
-        (c for c in fitting if c.peak_gib is not None and not c.checkpointing and c.budget > best.budget),
-        key=lambda c: c.budget, default=None)
-    return Plan(best.budget, best.checkpointing, measured.peak_gib if measured else None,
-                measured.budget if measured else None, limit, best.rows_per_step, best.padding_fraction,
-                trial_peak_gib is not None, tuple(candidates))
+                best = candidates[-1]
+                return Plan(best.budget, checkpointing, peak, limit, best.rows_per_step, best.padding_fraction,
+                            trial_peak_gib is not None, tuple(candidates))
+    smallest = min(candidates, key=lambda c: c.peak_gib)
+    raise ValueError(f"train.memory_limit_gib: even {smallest.budget} tokens per micro-batch with activation "
+                     f"checkpointing peaks at {smallest.peak_gib:.1f} GiB > {limit:.1f} GiB")
 
 
 def trial_peak_gib(model: FastModel, task: Task, max_length: int) -> Callable[[int, bool], float]:

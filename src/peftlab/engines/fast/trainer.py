@@ -105,32 +105,38 @@ class FastTrainer:
         self.model = FastModel(peft_model, task, precision, mask_builder=builder)
         self.train, self.task, self.max_length, self.pad_token_id = train, task, max_length, pad_token_id
         self.loop: FastLoop | None = None
+        self.cache: CompileCache | None = None
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
         rows = step_rows(dataset, self.train.batch_size, self.train.grad_accum, seed)
         return itertools.islice(rows, skip, None)
 
-    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> Plan:
-        """The budget and checkpointing for this run (trial steps on CUDA; padding only on the CPU)."""
+    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
+        """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
         sample = list(itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS))
-        cuda = torch.cuda.is_available()
         return plan(sample, self.task, self.train.batch_size, self.max_length,
-                    trial_peak_gib(self.model, self.task, self.max_length) if cuda else None,
+                    trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
                     getattr(self.train, "memory_limit_gib", None),
-                    torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None)
+                    torch.cuda.get_device_properties(0).total_memory / GIB if measure else None)
+
+    def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
+        """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
+        the CE core; returns whether the cache had artifacts. The planner's first trial is then the compile."""
+        preferred = self.plan(dataset, seed, measure=False).budget
+        self.cache = CompileCache(cache_key(self.model, preferred, False))
+        hit = self.cache.load()
+        compile_layers(self.model)
+        compile_loss_core(self.model)
+        return hit
 
     def fit(self, dataset: Sequence[Mapping[str, Any]], seed: int, hooks: StepHooks,
             resume: dict[str, Any] | None = None) -> FastReport:
         """Train over `dataset` (rows as the task makes them) until total_steps or a hook stops; `resume`: a
         state_dict() saved at a checkpoint (continues step-exactly: same data order, optimizer, schedule, RNG)."""
-        chosen = self.plan(dataset, seed)
+        cuda = torch.cuda.is_available()
+        hit = self.compile(dataset, seed) if cuda else False
+        chosen = self.plan(dataset, seed, measure=cuda)
         self.model.set_checkpointing(chosen.gradient_checkpointing)
-        cache = CompileCache(cache_key(self.model, chosen.budget, chosen.gradient_checkpointing))
-        hit = False
-        if torch.cuda.is_available():
-            hit = cache.load()
-            compile_layers(self.model)
-            compile_loss_core(self.model)
         t = self.train
         settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size, t.grad_accum, t.epochs,
                                                                  t.max_steps))
@@ -151,8 +157,8 @@ class FastTrainer:
         finally:
             self.model.restore_attention()
         train_s = time.perf_counter() - began
-        if torch.cuda.is_available():
-            cache.save()
+        if cuda:
+            self.cache.save()
         flops = model_flops(self.model.config, counting.tokens, counting.sum_sq, chosen.gradient_checkpointing,
                             lm_head=self.task == "sft")
         notes = [n for n in (attention_dropout_note(self.model.config),) if n]
