@@ -47,7 +47,10 @@ class FastModel:
         self.mask_builder = mask_builder or attention.create_block_mask
         self._masks: dict[int, attention.PackedMasks] = {}  # per token budget
         self.original_attention = self.config._attn_implementation
-        attention.use_packed_attention(peft_model)
+        self.use_packed_attention()
+
+    def use_packed_attention(self) -> None:
+        attention.use_packed_attention(self.peft_model)
 
     def set_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing of the decoder layers (transformers' own, non-reentrant)."""
