@@ -201,3 +201,22 @@ def test_classify_pools_last_non_pad_and_weights_per_micro_batch():
 def test_rows_longer_than_the_budget_are_refused():
     with pytest.raises(PeftlabError, match="token budget"):
         pack_step(rows_for(100, [40]), 32, "sft", batch_size=1)
+
+
+def test_block_masks_per_layer_type():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from peftlab.engines.fast import block_masks
+
+    gemma = loader.load_model_config(ModelConfig(source="preset:tiny-gemma2"))
+    gemma.sliding_window = 4
+    docs = torch.tensor([0] * 12 + [1] * 4, dtype=torch.int32)
+    masks = block_masks(gemma, docs, block_size=16)
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    q, kv = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    full = masks["full_attention"].mask_mod(0, 0, q, kv)
+    sliding = masks["sliding_attention"].mask_mod(0, 0, q, kv)
+    assert full[10, 2] and not sliding[10, 2] and sliding[10, 7]  # window: q - kv < 4
+    assert not full[12, 11] and full[13, 12] and not full[5, 6]  # documents apart, causal
+    gpt2 = loader.load_model_config(ModelConfig(source="preset:tiny-gpt2"))
+    assert isinstance(block_masks(gpt2, docs, block_size=16), BlockMask)

@@ -57,16 +57,6 @@ def layer_windows(config: Any) -> dict[str, int | None]:
     return {t: (config.sliding_window if t == "sliding_attention" else None) for t in sorted(types)}
 
 
-def block_masks(config: Any, document_ids: torch.Tensor, block_size: int = BLOCK_SIZE,
-                builder: Callable[..., BlockMask] = create_block_mask) -> BlockMask | dict[str, BlockMask]:
-    """The attention_mask argument for a packed row: a dict of BlockMasks per layer type when the config has
-    layer types (Gemma 2/3), else one BlockMask (GPT-2). document_ids: [T] int32 on the model's device."""
-    T = document_ids.shape[0]
-    kw = dict(B=None, H=None, Q_LEN=T, KV_LEN=T, device=document_ids.device, BLOCK_SIZE=block_size)
-    masks = {t: builder(document_mask_mod(document_ids, w), **kw) for t, w in layer_windows(config).items()}
-    return masks if getattr(config, "layer_types", None) else masks["full_attention"]
-
-
 class PackedMasks:
     """block_masks for every micro-batch of one token budget, reading ONE device buffer of document ids.
 
@@ -87,6 +77,14 @@ class PackedMasks:
         self.document_ids.copy_(document_ids, non_blocking=True)
         masks = {t: self.builder(mod, **self.kw) for t, mod in self.mask_mods.items()}
         return masks if self.layer_types else masks["full_attention"]
+
+
+def block_masks(config: Any, document_ids: torch.Tensor, block_size: int = BLOCK_SIZE,
+                builder: Callable[..., BlockMask] = create_block_mask) -> BlockMask | dict[str, BlockMask]:
+    """The attention_mask argument for one packed row: a dict of BlockMasks per layer type when the config has
+    layer types (Gemma 2/3), else one BlockMask (GPT-2). document_ids: [T] int32 on the model's device."""
+    masks = PackedMasks(config, document_ids.shape[0], document_ids.device, block_size, builder)
+    return masks(document_ids)
 
 
 def mask_arguments(config: Any, masks: BlockMask | dict[str, BlockMask]) -> dict[str, Any]:

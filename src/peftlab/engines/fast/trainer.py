@@ -52,13 +52,16 @@ class FastReport:
     first_step_s: float | None  # includes compilation (and a warm compile cache's loading)
     compile_cache_hit: bool
     tokens: int
-    model_flops: float
+    model_flops: float  # of the whole session
+    steady_flops: float  # after the first step (compilation excluded), over steady_s seconds
+    steady_s: float
     notes: list[str] = field(default_factory=list)
 
     def as_summary(self) -> dict[str, Any]:
         return {"engine": "fast", "plan": self.plan.as_dict(), "plan_text": self.plan.describe(),
                 "first_step_s": self.first_step_s, "compile_cache_hit": self.compile_cache_hit,
-                "mfu": round(mfu(self.model_flops, self.train_s), 4) if self.train_s and torch.cuda.is_available() else None,
+                "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if self.steady_s > 0 and torch.cuda.is_available()
+                else None,
                 "notes": self.notes}
 
 
@@ -67,6 +70,7 @@ class _Counting:
 
     def __init__(self, inner: StepHooks) -> None:
         self.inner, self.tokens, self.sum_sq, self.first_step_s = inner, 0, 0, None
+        self.after_first = (0, 0)  # (tokens, sum_sq) at the end of the first step
         self.started = time.perf_counter()
 
     def on_micro_batch(self, batch: PackedBatch) -> None:
@@ -82,6 +86,7 @@ class _Counting:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.first_step_s = time.perf_counter() - self.started
+            self.after_first = (self.tokens, self.sum_sq)
         return self.inner.on_step_end(step)
 
 
@@ -159,11 +164,14 @@ class FastTrainer:
         train_s = time.perf_counter() - began
         if cuda:
             self.cache.save()
-        flops = model_flops(self.model.config, counting.tokens, counting.sum_sq, chosen.gradient_checkpointing,
-                            lm_head=self.task == "sft")
+        def flops(tokens: int, sum_sq: int) -> float:
+            return model_flops(self.model.config, tokens, sum_sq, chosen.gradient_checkpointing, self.task == "sft")
+
+        steady_tokens, steady_sq = counting.tokens - counting.after_first[0], counting.sum_sq - counting.after_first[1]
         notes = [n for n in (attention_dropout_note(self.model.config),) if n]
         return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s, counting.first_step_s,
-                          hit, counting.tokens, flops, notes)
+                          hit, counting.tokens, flops(counting.tokens, counting.sum_sq),
+                          flops(steady_tokens, steady_sq), train_s - (counting.first_step_s or 0.0), notes)
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft)."""
