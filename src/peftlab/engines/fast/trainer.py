@@ -62,7 +62,7 @@ class FastReport:
                 "first_step_s": self.first_step_s, "compile_cache_hit": self.compile_cache_hit,
                 "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if self.steady_s > 0 and torch.cuda.is_available()
                 else None,
-                "notes": self.notes}
+                "engine_notes": self.notes}
 
 
 class _Counting:
