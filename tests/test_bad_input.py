@@ -108,7 +108,7 @@ def test_output_folder_holding_another_run_is_left_alone(cli, runs_dir, tiny_rec
 
 
 def test_out_of_memory_names_the_knobs_that_lower_memory(cli, runs_dir, fast_sets, monkeypatch):
-    from peftlab.tasks.sft import CountingSFTTrainer
+    from peftlab.engines.hf import CountingSFTTrainer
 
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -10,8 +10,8 @@ import pytest
 
 from peftlab import tracking
 from peftlab.config import TrackingConfig, load_recipe
+from peftlab.engines.hf import trainer_arguments
 from peftlab.runs import RunDir
-from peftlab.tasks.common import trainer_arguments
 
 WANDB_VARS = ("WANDB_PROJECT", "WANDB_MODE", "WANDB_DIR", "WANDB_LOG_MODEL")
 
@@ -25,7 +25,7 @@ def test_disabled_by_default_reports_to_nothing(run: RunDir) -> None:
     recipe = load_recipe("tiny-dialogpt-banking77")
     plan = tracking.plan(recipe.tracking, run)
     assert plan.report_to == [] and plan.env == {} and plan.note is None
-    assert trainer_arguments(recipe, run, "fp32", plan.report_to)["report_to"] == "none"
+    assert trainer_arguments(recipe.train, recipe.seed, run.checkpoints_path, "fp32", plan.report_to)["report_to"] == "none"
 
 
 def test_enabled_without_wandb_installed_is_a_note_and_the_run_folder_only(run: RunDir) -> None:

@@ -99,12 +99,14 @@ def test_labels_dropped_before_the_model_are_caught(tiny_classifier) -> None:
     """The original run's failure: a label column under another name is silently dropped by the Trainer."""
     from transformers import Trainer, TrainingArguments
 
+    from peftlab.engines.hf import check_labels_reach_model
+
     setup = classify.build(tiny_classifier())
     renamed = setup.data.train.rename_column("labels", "intent")
     trainer = Trainer(model=setup.model, args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none"),
                       train_dataset=renamed, data_collator=classify.collator(tiny_classifier(), setup.tokenizer))
     with pytest.raises(PeftlabError, match="reach the model without labels"):
-        classify.check_labels_reach_model(trainer, len(setup.data.labels))
+        check_labels_reach_model(trainer, len(setup.data.labels))
 
 
 def test_generate_on_a_classify_run_prints_a_known_label_per_text(trained: RunDir, cli) -> None:

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from peftlab.engines.fast import FastLoop, FastModel, LoopSettings, PackedBatch, pack_step
-from peftlab.runs import RunDir
 
 STEPS = 20
 RTOL = 1e-5
@@ -100,6 +99,7 @@ def fast_losses(model, recipe, task, steps, budget, pad_token_id=None) -> tuple[
 def test_fast_sft_matches_the_sft_trainer_for_20_steps(tiny_recipe, tmp_path):
     from trl import SFTTrainer
 
+    from peftlab.engines.hf import sft_config
     from peftlab.tasks import sft
 
     recipe = tiny_recipe({"data.max_samples": 200, "data.eval_fraction": 0.0, "data.max_length": 64,
@@ -107,8 +107,9 @@ def test_fast_sft_matches_the_sft_trainer_for_20_steps(tiny_recipe, tmp_path):
                           "train.grad_accum": 2, "method.lora.dropout": 0.0})
     setup = sft.build(recipe)
     fast_model = copy.deepcopy(setup.model)
-    want, steps = hf_losses(SFTTrainer, model=setup.model, args=sft.training_arguments(recipe, RunDir(tmp_path), "fp32"),
-                            train_dataset=setup.data.train, processing_class=setup.tokenizer)
+    args = sft_config(recipe.train, recipe.seed, tmp_path, "fp32", recipe.data.max_length)
+    want, steps = hf_losses(SFTTrainer, model=setup.model, args=args, train_dataset=setup.data.train,
+                            processing_class=setup.tokenizer)
     got, hooks = fast_losses(fast_model, recipe, "sft", steps, budget=128)
     assert len(want) == len(got) == STEPS
     assert got == pytest.approx(want, rel=RTOL)
@@ -120,8 +121,8 @@ def test_fast_classify_matches_the_trainer_with_grad_accumulation(tiny_classifie
     """grad_accum 2: the Trainer's GPT-2 classification loss is a sum of per-micro-batch means (packing.py)."""
     from transformers import Trainer, TrainingArguments
 
+    from peftlab.engines.hf import trainer_arguments
     from peftlab.tasks import classify
-    from peftlab.tasks.common import trainer_arguments
 
     recipe = tiny_classifier({"train.max_steps": STEPS, "train.logging_steps": 1, "train.batch_size": 4,
                               "train.grad_accum": 2, "train.eval_steps": None, "train.save_steps": None,
@@ -130,7 +131,7 @@ def test_fast_classify_matches_the_trainer_with_grad_accumulation(tiny_classifie
     no_dropout(setup.model)
     fast_model = copy.deepcopy(setup.model)
     want, steps = hf_losses(Trainer, model=setup.model,
-                            args=TrainingArguments(**trainer_arguments(recipe, RunDir(tmp_path), "fp32")),
+                            args=TrainingArguments(**trainer_arguments(recipe.train, recipe.seed, tmp_path, "fp32")),
                             train_dataset=setup.data.train, data_collator=classify.collator(recipe, setup.tokenizer))
     got, _ = fast_losses(fast_model, recipe, "classify", steps, budget=128, pad_token_id=setup.tokenizer.pad_token_id)
     assert len(want) == len(got) == STEPS

@@ -30,7 +30,7 @@ def as_sets(changes: dict) -> list[str]:
 
 def signal_during_step(monkeypatch: pytest.MonkeyPatch, step: int, sig: signal.Signals) -> None:
     """Sends one real signal to this process in the middle of training step `step`, as Ctrl-C or `kill` would."""
-    from peftlab.tasks.sft import CountingSFTTrainer
+    from peftlab.engines.hf import CountingSFTTrainer
 
     original, sent = CountingSFTTrainer.training_step, []
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peftlab.data.instructions import encode, load_records
+from peftlab.engines.hf import sft_config
 from peftlab.errors import GuardFailure
 from peftlab.models.loader import load_tokenizer
 from peftlab.runner import run_recipe
@@ -50,7 +51,8 @@ def test_all_masked_batch_is_refused():
 
 def test_trainer_logs_raw_losses(tiny_recipe, tmp_path):
     # HF's default logging_nan_inf_filter=True is what turned the original NaN losses into "loss 0.0".
-    args = sft.training_arguments(tiny_recipe(), RunDir(tmp_path), "fp32")
+    recipe = tiny_recipe()
+    args = sft_config(recipe.train, recipe.seed, tmp_path, "fp32", recipe.data.max_length)
     assert args.logging_nan_inf_filter is False
 
 

@@ -14,6 +14,7 @@ from conftest import FAST
 
 from peftlab.config import load_recipe, with_overrides
 from peftlab.data.instructions import IGNORE_INDEX
+from peftlab.engines.hf import CountingSFTTrainer
 from peftlab.runner import run_recipe
 from peftlab.tasks import sft
 
@@ -28,7 +29,7 @@ def epoch(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         "train.batch_size": BATCH, "train.logging_steps": 1, "eval.max_new_tokens": 8,
     })
     seen = SimpleNamespace(batches=[], setup=None)
-    build, training_step = sft.build, sft.CountingSFTTrainer.training_step
+    build, training_step = sft.build, CountingSFTTrainer.training_step
 
     def spy_build(*args, **kwargs):
         seen.setup = build(*args, **kwargs)
@@ -40,7 +41,7 @@ def epoch(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sft, "build", spy_build)
-        mp.setattr(sft.CountingSFTTrainer, "training_step", spy_step)
+        mp.setattr(CountingSFTTrainer, "training_step", spy_step)
         run = run_recipe(recipe, tmp_path_factory.mktemp("runs"), "epoch", show_progress=False)
     train = seen.setup.data.train
     return SimpleNamespace(run=run, recipe=recipe, batches=seen.batches, setup=seen.setup, train=train,

@@ -70,15 +70,15 @@ def test_pruning_ignores_evaluations_after_training() -> None:
     reports = []
     trial = SimpleNamespace(report=lambda v, step: reports.append((step, v)), should_prune=lambda: True)
     callback = PruningCallback(trial, "eval_f1")
-    control = SimpleNamespace(should_training_stop=False)
-    callback.on_evaluate(None, SimpleNamespace(global_step=3), control, metrics={"eval_f1": 0.5})
-    callback.on_train_begin(None, None, control)
-    callback.on_evaluate(None, SimpleNamespace(global_step=4), control, metrics={"eval_f1": float("nan")})
+    control = SimpleNamespace(should_training_stop=False)  # what the training hooks do with the answers
+    control.should_training_stop |= callback.evaluated(3, {"eval_f1": 0.5})
+    callback.train_begun()
+    control.should_training_stop |= callback.evaluated(4, {"eval_f1": float("nan")})
     assert reports == [] and not control.should_training_stop  # not training yet; NaN is not a value
-    callback.on_evaluate(None, SimpleNamespace(global_step=5), control, metrics={"eval_f1": 0.5})
+    control.should_training_stop |= callback.evaluated(5, {"eval_f1": 0.5})
     assert reports == [(5, 0.5)] and control.should_training_stop and callback.pruned == (5, 0.5)
-    callback.on_train_end(None, None, control)
-    callback.on_evaluate(None, SimpleNamespace(global_step=5), control, metrics={"eval_f1": 0.6})
+    callback.train_ended()
+    callback.evaluated(5, {"eval_f1": 0.6})
     assert len(reports) == 1
 
 

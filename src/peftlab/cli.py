@@ -282,33 +282,14 @@ def generate(run: Annotated[str, typer.Argument(help="run folder or name")],
     quiet_libraries()  # before the imports below: trl imports bitsandbytes, which logs at import
     from peftlab.config import load_recipe
     from peftlab.runs import open_run
-    from peftlab.tasks.sft import generate as generate_text
-    from peftlab.tasks.sft import load_for_inference
+    from peftlab.tasks import get_task
 
     folder = open_run(run, runs_dir)
     recipe = load_recipe(str(folder.config_path))
     if not folder.adapter_path.exists():
         raise PeftlabError(f"run '{folder.path}' has no adapter/ (status {folder.summary().get('status')}); fix: pick a completed run")
-    if recipe.task == "diffusion":
-        from peftlab.tasks import diffusion
-
-        pipeline = diffusion.load_for_inference(folder, recipe)
-        for path in diffusion.generate_images(pipeline, recipe, prompt, folder.samples_path / "generated", seed, steps):
-            say(str(path))
-        return
-    if recipe.task == "classify":
-        from peftlab.tasks import classify
-
-        model, tokenizer, labels = classify.load_for_inference(folder, recipe)
-        for text, (label, probability) in zip(prompt, classify.predict(model, tokenizer, labels, prompt,
-                                                                        recipe.data.max_length), strict=True):
-            say(f"> {text}")
-            say(f"{label} ({probability:.3f})")
-        return
-    model, tokenizer = load_for_inference(folder, recipe)
-    for text in prompt:
-        say(f"> {text}")
-        say(generate_text(model, tokenizer, text, recipe, max_new_tokens))
+    for line in get_task(recipe.task).generate(folder, recipe, prompt, max_new_tokens, seed, steps):
+        say(line)
 
 
 @app.command()

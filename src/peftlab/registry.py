@@ -20,9 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from peftlab.columns import key_metric_text, key_metrics, number, text
 from peftlab.errors import PeftlabError, did_you_mean
-from peftlab.report.compare import key_metric_text, key_metrics, number, text
 from peftlab.runs import RunDir
+from peftlab.watch.console import duration
 
 INDEX_NAME = ".registry.sqlite"
 SCHEMA_VERSION = 1
@@ -283,13 +284,3 @@ def _parse_time(text: str | None) -> float | None:
 def _short_time(text: str | None) -> str:
     stamp = _parse_time(text)
     return "n/a" if stamp is None else datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
-
-
-def duration(seconds: float) -> str:
-    """12s, 3m05s, 2h03m."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"

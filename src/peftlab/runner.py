@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from peftlab.config import Recipe
 from peftlab.distributed import barrier, broadcast, init_process_group, ranks, strategy
+from peftlab.engines import check_registered
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.registry import index_run
 from peftlab.runs import RunDir, environment, finish_fields, sanitize_name
 from peftlab.watch.console import say
 
+if TYPE_CHECKING:
+    from peftlab.engines.hooks import Listener
+
 INTERRUPTED_EXIT = 130
-# recipe.task -> the module that trains it: train(recipe, run, show_progress, resume_from, callbacks) -> summary fields
-TASKS = {"sft": "peftlab.tasks.sft", "classify": "peftlab.tasks.classify", "diffusion": "peftlab.tasks.diffusion"}
-
-
-def task_module(task: str) -> Any:
-    return importlib.import_module(TASKS[task])
 
 
 def default_run_name(recipe: Recipe) -> str:
@@ -32,11 +29,12 @@ def default_run_name(recipe: Recipe) -> str:
 
 
 def run_recipe(recipe: Recipe, runs_dir: Path, name: str | None = None, overwrite: bool = False,
-               show_progress: bool = True, callbacks: Sequence[Any] = ()) -> RunDir:
+               show_progress: bool = True, listeners: Sequence[Listener] = ()) -> RunDir:
     """Train `recipe` into runs_dir/name. On failure the summary says `failed` (or `interrupted`) and why.
-    `callbacks`: extra TrainerCallbacks (a sweep's pruning callback)."""
+    `listeners`: followers of the evaluations (a sweep's pruner, see engines/hooks.py)."""
+    check_registered(recipe.train.engine)
     run = _create_run(recipe, runs_dir, name, overwrite)
-    return _execute(recipe, run, show_progress, callbacks=callbacks)
+    return _execute(recipe, run, show_progress, listeners=listeners)
 
 
 def _create_run(recipe: Recipe, runs_dir: Path, name: str | None, overwrite: bool) -> RunDir:
@@ -74,11 +72,12 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
 
 
 def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path | None = None,
-             callbacks: Sequence[Any] = ()) -> RunDir:
+             listeners: Sequence[Listener] = ()) -> RunDir:
     import torch
 
     from peftlab.reliability import TrainingInterrupted, terminate_as_interrupt
     from peftlab.reliability.oom import memory_advice
+    from peftlab.training import train
 
     # pid + host let `--resume` refuse a run that is still being trained.
     run.update_summary(pid=os.getpid(), host=socket.gethostname())
@@ -87,8 +86,7 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
     say(f"run folder: {run.path}")
     try:
         with terminate_as_interrupt():
-            results = task_module(recipe.task).train(recipe, run, show_progress=show_progress, resume_from=resume_from,
-                                                     callbacks=callbacks)
+            results = train(recipe, run, show_progress=show_progress, resume_from=resume_from, listeners=listeners)
     except GuardFailure as exc:
         run.update_summary(**finish_fields("failed", "health guard"), diagnosis=str(exc))
         raise

@@ -19,22 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
+from peftlab.columns import number
 from peftlab.config import Recipe, SearchParam, with_overrides
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.metrics import lower_is_better
 from peftlab.registry import index_run
-from peftlab.report.compare import number
 from peftlab.runner import run_recipe
 from peftlab.runs import RunDir, atomic_write_json, sanitize_name
+from peftlab.tasks import get_task
 from peftlab.watch.console import print_table, say
 
-# The validation metrics a study can optimize, per task (keys of the run summary).
-OBJECTIVES = {
-    "sft": ("eval_loss",),
-    "classify": ("eval_loss", "eval_accuracy", "eval_f1", "eval_f1_weighted"),
-}
 STUDY_DB = "study.db"
 RESULTS_FILE = "sweep.json"
 HEARTBEAT_S = 60  # a RUNNING trial without a heartbeat for GRACE_S is failed and retried once
@@ -51,26 +45,34 @@ class SweepResult:
     final_run: RunDir | None
 
 
+def objective_metric(recipe: Recipe) -> str:
+    """sweep.metric, or the task's key objective (the first it declares) when the recipe names none."""
+    return recipe.sweep.metric or get_task(recipe.task).objectives[0]
+
+
 def direction(recipe: Recipe) -> str:
     if recipe.sweep.direction != "auto":
         return recipe.sweep.direction
-    return "minimize" if lower_is_better(recipe.sweep.metric) else "maximize"
+    return "minimize" if lower_is_better(objective_metric(recipe)) else "maximize"
 
 
 def check_sweepable(recipe: Recipe) -> list[str]:
     """One-line errors for a sweep that cannot work; notes for one that works less well."""
-    s = recipe.sweep
-    valid = OBJECTIVES[recipe.task]
-    if s.metric not in valid:
-        raise PeftlabError(f"sweep.metric '{s.metric}' is not a validation metric of task {recipe.task}; valid: {', '.join(valid)}")
+    s, metric = recipe.sweep, objective_metric(recipe)
+    valid = get_task(recipe.task).objectives
+    if metric not in valid:
+        raise PeftlabError(f"sweep.metric '{metric}' is not a validation metric of task {recipe.task}; valid: {', '.join(valid)}")
     if not s.space:
         raise PeftlabError(
             "sweep.space is empty; fix: declare the fields to search in the recipe, e.g. "
             "sweep.space: {train.lr: {type: float, low: 1.0e-5, high: 5.0e-4, log: true}}"
         )
-    if recipe.data.eval_fraction == 0:
-        raise PeftlabError(f"sweep.metric {s.metric} needs a validation set; fix: set data.eval_fraction > 0")
-    if not recipe.train.eval_steps and s.pruner != "none":
+    validated = metric.startswith("eval_")  # eval_* metrics come from the validation set, the others from training
+    if validated and recipe.data.eval_fraction == 0:
+        raise PeftlabError(f"sweep.metric {metric} needs a validation set; fix: set data.eval_fraction > 0")
+    if s.pruner != "none" and not validated:
+        return [f"{metric} is known only at a trial's end, so no trial can be pruned"]
+    if s.pruner != "none" and not recipe.train.eval_steps:
         return ["train.eval_steps is not set: trials are evaluated only at their end, so none can be pruned"]
     return []
 
@@ -88,28 +90,31 @@ def sample(trial: Any, space: dict[str, SearchParam]) -> dict[str, Any]:
     return params
 
 
-class PruningCallback(TrainerCallback):
-    """Reports each evaluation during training to the trial; stops training when the pruner says so."""
+class PruningCallback:
+    """Reports each evaluation during training to the trial; stops training when the pruner says so.
+    A listener of the training hooks (engines/hooks.py), so it prunes under every engine."""
 
     def __init__(self, trial: Any, metric: str) -> None:
         self.trial, self.metric = trial, metric
         self.training = False
         self.pruned: tuple[int, float] | None = None  # (step, value) where the pruner stopped the trial
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def train_begun(self) -> None:
         self.training = True
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def train_ended(self) -> None:
         self.training = False  # evaluations after training (final metrics) are not intermediate values
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = number((metrics or {}).get(self.metric))
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Whether to stop training."""
+        value = number(metrics.get(self.metric))
         if not self.training or value is None:
-            return
-        self.trial.report(value, step=state.global_step)
+            return False
+        self.trial.report(value, step=step)
         if self.trial.should_prune():
-            self.pruned = (state.global_step, value)
-            control.should_training_stop = True
+            self.pruned = (step, value)
+            return True
+        return False
 
 
 def storage(url: str | None, folder: Path) -> Any:
@@ -159,7 +164,7 @@ def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None,
     if study.direction.name.lower() != direction(recipe):
         raise PeftlabError(
             f"study '{name}' was created to {study.direction.name.lower()}, the recipe now says {direction(recipe)} "
-            f"{s.metric}; fix: use the same sweep.metric/direction, or --study NEW"
+            f"{objective_metric(recipe)}; fix: use the same sweep.metric/direction, or --study NEW"
         )
     # Seeded, but differently per call: a resumed random sampler must not replay the first suggestions.
     # Workers joining at the same moment see the same trial count: the pid keeps their samplers apart.
@@ -167,22 +172,19 @@ def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None,
     study.sampler = (optuna.samplers.RandomSampler(seed=seed) if s.sampler == "random"
                      else optuna.samplers.TPESampler(seed=seed))
     study.set_user_attr("recipe", recipe.name)
-    study.set_user_attr("metric", s.metric)
+    study.set_user_attr("metric", objective_metric(recipe))
     return study
 
 
 def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
     """The recipe with a trial's values; trials never look at the test set (only --final does)."""
-    changes = dict(params)
-    if recipe.task == "classify":
-        changes["data.classify.test"] = None
-    return with_overrides(recipe, changes)
+    return with_overrides(recipe, {**params, **get_task(recipe.task).trial_overrides(recipe)})
 
 
 def objective(recipe: Recipe, folder: Path, show_progress: bool) -> Any:
     import optuna
 
-    metric = recipe.sweep.metric
+    metric = objective_metric(recipe)
 
     def run_trial(trial: Any) -> float:
         params = sample(trial, recipe.sweep.space)
@@ -190,7 +192,7 @@ def objective(recipe: Recipe, folder: Path, show_progress: bool) -> Any:
         trial.set_user_attr("run", name)
         say(f"--- {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
         pruning = PruningCallback(trial, metric)
-        run = run_recipe(trial_recipe(recipe, params), folder, name, show_progress=show_progress, callbacks=[pruning])
+        run = run_recipe(trial_recipe(recipe, params), folder, name, show_progress=show_progress, listeners=[pruning])
         sweep_info = {"study": folder.name, "trial": trial.number, "params": params, "objective": metric}
         if pruning.pruned is not None:
             step, value = pruning.pruned
@@ -219,7 +221,7 @@ def run_sweep(recipe: Recipe, runs_dir: Path, trials: int | None = None, study_n
     folder = Path(runs_dir) / name
     study = open_study(recipe, name, folder, storage_url, resume, pruner)
     n = recipe.sweep.trials if trials is None else trials
-    say(f"study '{name}': {n} trial(s), {direction(recipe)} {recipe.sweep.metric}; folder {folder}")
+    say(f"study '{name}': {n} trial(s), {direction(recipe)} {objective_metric(recipe)}; folder {folder}")
     # A trial stopped by the health guard (NaN loss at a high lr) is a failed trial, not a failed sweep.
     study.optimize(objective(recipe, folder, show_progress), n_trials=n, catch=(GuardFailure,))
     best = best_trial(study)
@@ -260,7 +262,7 @@ def write_results(study: Any, folder: Path, recipe: Recipe, storage_url: str | N
     atomic_write_json(folder / RESULTS_FILE, {
         "study": study.study_name,
         "storage": storage_url or STUDY_DB,  # a password in the URL is redacted on write
-        "metric": recipe.sweep.metric,
+        "metric": objective_metric(recipe),
         "direction": direction(recipe),
         "space": {k: v.model_dump(exclude_none=True) for k, v in recipe.sweep.space.items()},
         "best": None if best is None else {"trial": best.number, "value": best.value, "params": best.params,
@@ -314,7 +316,7 @@ def show_trials(study: Any, recipe: Recipe) -> None:
         params = [_fmt_param(t.params.get(k)) for k in keys]
         mark = " *" if best is not None and t.number == best.number else ""
         rows.append([f"{t.number}{mark}", t.state.name.lower(), value, *params, str(t.user_attrs.get("run", ""))])
-    print_table(["trial", "state", recipe.sweep.metric, *keys, "run"], rows, title=f"study {study.study_name} (* = best)")
+    print_table(["trial", "state", objective_metric(recipe), *keys, "run"], rows, title=f"study {study.study_name} (* = best)")
 
 
 def _fmt_param(value: Any) -> str:

@@ -13,6 +13,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from peftlab.config import TrackingConfig
 from peftlab.runs import RunDir
@@ -55,3 +56,30 @@ def environment(tracking: Tracking) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class Tracker:
+    """Mirrors the run's metric records into W&B, for every engine (the training hooks call `log`).
+    Rank 0 only; a no-op when tracking is off or wandb is missing (the plan's note says so)."""
+
+    def __init__(self, tracking: Tracking, run: RunDir, config: dict[str, Any]) -> None:
+        self.tracking, self.run, self.config = tracking, run, config
+        self._wandb_run: Any = None
+
+    def start(self) -> None:
+        if "wandb" not in self.tracking.report_to or not self.run.writer:
+            return
+        import wandb
+
+        self._wandb_run = wandb.init(project=self.tracking.env["WANDB_PROJECT"], mode=self.tracking.env["WANDB_MODE"],
+                                     dir=str(self.run.path), name=self.run.name, config=self.config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._wandb_run is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+            self._wandb_run.log({f"{record['kind']}/{k}": v for k, v in numbers.items()}, step=record["step"])
+
+    def finish(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None

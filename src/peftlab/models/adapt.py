@@ -15,7 +15,7 @@ from peftlab.models.precision import DTYPES
 GIB = 1024**3
 
 
-def bnb_quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) -> Any:
+def bnb_quantization_config(quant: QuantSettings, compute_dtype: torch.dtype, shards_weights: bool = False) -> Any:
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -26,8 +26,6 @@ def bnb_quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) ->
         ) from None
     if quant.compute_dtype != "auto":
         compute_dtype = DTYPES[quant.compute_dtype]
-    from peftlab.distributed import shards_weights
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
@@ -35,7 +33,7 @@ def bnb_quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) ->
         bnb_4bit_compute_dtype=compute_dtype,
         # FSDP / ZeRO-3 flatten each unit into one tensor of one dtype: the packed 4-bit weights must then be
         # stored in the compute dtype, like the unquantized ones beside them.
-        bnb_4bit_quant_storage=compute_dtype if shards_weights() else torch.uint8,
+        bnb_4bit_quant_storage=compute_dtype if shards_weights else torch.uint8,
     )
 
 

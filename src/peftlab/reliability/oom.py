@@ -1,7 +1,7 @@
 """Out of GPU memory: one line that says which recipe knobs lower memory, biggest consumer first.
 
 The ranking comes from the memory estimate the task recorded in summary.json before training
-(`doctor.estimate_memory`'s breakdown: weights, LoRA params + grads + AdamW, activations, logits).
+(`models.memory.estimate_memory`'s breakdown: weights, LoRA params + grads + AdamW, activations, logits).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from peftlab import __version__
 from peftlab.report.compare import NA, Comparison, Source, compare, definitions, main_table, verdicts, vs_table
 from peftlab.report.plots import plot_runs
 from peftlab.runs import RunDir, atomic_write_text, read_jsonl
+from peftlab.tasks import get_task, task_names
 
 CONFUSION_MATRIX = "confusion_matrix.png"
 Labelled = tuple[str, RunDir]  # (the run's label in the comparison, its folder)
@@ -140,12 +141,26 @@ def confusion_matrix(run: RunDir) -> Path | None:
     return None
 
 
-def samples_section(runs: list[Labelled]) -> str:
+def confusion_matrices(runs: list[Labelled]) -> str:
     matrices = [(m, f"{label}: confusion matrix") for label, run in runs if (m := confusion_matrix(run))]
+    return images_block("Confusion matrices", matrices, "confusion")
+
+
+def sample_images(runs: list[Labelled]) -> str:
     grids = [(p, f"{label}: {p.name}") for label, run in runs for p in sorted(run.samples_path.glob("*.png"))
              if p.name != CONFUSION_MATRIX]
-    body = (generations_table(runs) + images_block("Confusion matrices", matrices, "confusion")
-            + images_block("Sample images", grids, "sample-images"))
+    return images_block("Sample images", grids, "sample-images")
+
+
+# The blocks a task can declare (Task.samples), in page order.
+SAMPLE_BLOCKS = {"generations": generations_table, "confusion_matrix": confusion_matrices, "images": sample_images}
+
+
+def samples_section(runs: list[Labelled]) -> str:
+    """The sample blocks the runs' tasks declare, each over the runs that wrote its files."""
+    tasks = {run.summary().get("task") for _, run in runs}
+    declared = {block for task in tasks if task in task_names() for block in get_task(task).samples}
+    body = "".join(render(runs) for block, render in SAMPLE_BLOCKS.items() if block in declared)
     return f'<section id="samples"><h2>Samples</h2>{body}</section>' if body else ""
 
 

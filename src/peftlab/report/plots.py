@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.report.compare import number
+from peftlab.columns import number
 from peftlab.runs import RunDir
 
 

@@ -11,38 +11,29 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithPadding
 
-from peftlab import metrics, tracking
+from peftlab import metrics
 from peftlab.config import Recipe
 from peftlab.data.intents import ClassData, build_class_data
+from peftlab.distributed import shards_weights
+from peftlab.engines import EngineResult, TrainJob
+from peftlab.engines.optimizers import resolve_optimizer
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt, loader
 from peftlab.models.precision import DTYPES
-from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_write_json
-from peftlab.tasks.common import (
-    CountsBatches,
-    announce,
-    resolve_optimizer,
-    resumed_counter,
-    run_context,
-    save_adapter,
-    throughput,
-    train_counted,
-    trainer_arguments,
-)
-from peftlab.watch.console import Progress, print_table, say
-from peftlab.watch.epochs import EpochCallback
+from peftlab.tasks.base import Prepared
+from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
+from peftlab.watch.console import print_table, say
 from peftlab.watch.guard import HealthGuard, RunContext
-from peftlab.watch.monitor import BatchCounter, MonitorCallback
+from peftlab.watch.monitor import BatchCounter
 
 LABELS_FILE = "labels.json"  # in adapter/: id2label / label2id, which peft's adapter files do not carry
 REPORT_FILE = "classification_report.json"
@@ -68,10 +59,6 @@ class LabelCounter(BatchCounter):
         return labels.numel()
 
 
-class CountingTrainer(CountsBatches, Trainer):
-    """Trainer that counts the tokens of every consumed micro-batch (real and padded)."""
-
-
 def build(recipe: Recipe) -> ClassifySetup:
     from transformers import set_seed
 
@@ -83,8 +70,7 @@ def build(recipe: Recipe) -> ClassifySetup:
         raise PeftlabError("train.eval_steps / train.best_metric need a validation set, and data.eval_fraction is 0; "
                            "fix: set data.eval_fraction > 0, or train.eval_steps=null and train.best_metric=null")
     model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation, data.labels, tokenizer.pad_token_id)
-    if recipe.model.source.startswith("preset:"):
-        notes.append(loader.presets.tokenizer_note(recipe.model.source.removeprefix("preset:")))
+    notes += loader.tokenizer_notes(recipe.model)
     notes += _speed_notes(recipe)
     return ClassifySetup(model, tokenizer, data, context, adapt.count_params(model), notes)
 
@@ -93,8 +79,8 @@ def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str, labels: l
                         pad_token_id: int) -> tuple[Any, list[str]]:
     quant = None
     if recipe.method.name == "qlora":
-        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype)
-    model = loader.load_sequence_classifier(recipe.model, dtype, attn, labels, pad_token_id, quant)
+        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype, shards_weights=shards_weights())
+    model = loader.load_sequence_classifier(recipe.model, dtype, attn, labels, pad_token_id, quant, shards_weights())
     notes = []
     if quant is not None:
         notes += adapt.prepare_kbit(model, recipe.method.quant.kbit_prep, recipe.train.gradient_checkpointing)
@@ -140,65 +126,29 @@ def collator(recipe: Recipe, tokenizer: Any) -> DataCollatorWithPadding:
     return DataCollatorWithPadding(tokenizer, padding="longest", pad_to_multiple_of=8)
 
 
-def check_labels_reach_model(trainer: Trainer, num_labels: int) -> None:
-    """The Trainer drops dataset columns the model's forward does not name, at INFO level only: look at
-    the first batch the model would see."""
-    batch = next(iter(trainer.get_train_dataloader()))
-    if "labels" not in batch:
-        raise PeftlabError(
-            f"the training batches reach the model without labels (batch keys: {', '.join(sorted(batch))}): "
-            "preprocessing dropped them; fix: check data.columns.label and that the model's forward takes `labels`"
-        )
-    labels = batch["labels"]
-    if labels.dim() != 1 or int(labels.min()) < 0 or int(labels.max()) >= num_labels:
-        raise PeftlabError(
-            f"the first training batch has labels {labels.tolist()[:8]}, not class ids in 0..{num_labels - 1}; "
-            "fix: check data.columns.label"
-        )
-
-
-def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
-          callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
-    """Build, train (or continue from `resume_from`), keep the best checkpoint by train.best_metric,
-    save the adapter, evaluate on validation and test; returns the summary fields."""
+def prepare(recipe: Recipe, run: RunDir) -> Prepared:
+    """Model and data for the training skeleton: one class id per row, the task's padding, its metrics."""
     setup = build(recipe)
-    track = tracking.plan(recipe.tracking, run)
-    if track.note:
-        setup.notes.append(track.note)
     _announce(recipe, setup)
-    run.update_summary(data=setup.data.stats.as_dict(), labels=setup.data.labels, precision=setup.context.precision,
-                       attn_implementation=setup.context.attn_implementation, notes=setup.notes,
-                       f1_definition=metrics.F1_DEFINITION)
-    counter, seconds_before = resumed_counter(LabelCounter, resume_from)
-    guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
-    epochs = EpochCallback(run, counter)
-    trainer = CountingTrainer(
-        model=setup.model,
-        args=TrainingArguments(**trainer_arguments(recipe, run, setup.context.precision, track.report_to)),
-        train_dataset=setup.data.train,
-        eval_dataset=setup.data.eval,
-        processing_class=setup.tokenizer,
-        data_collator=collator(recipe, setup.tokenizer),
-        compute_metrics=metrics.compute_metrics,
-        counter=counter,
-        callbacks=[MonitorCallback(run, counter, guard, Progress("train", show_progress)), epochs, *callbacks],
-    )
-    trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
-    check_labels_reach_model(trainer, len(setup.data.labels))
-    with tracking.environment(track):
-        try:
-            result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
-        except TrainingInterrupted:
-            save_adapter_and_labels(run, setup)
-            raise
-        summary = throughput(trainer, counter, runtime, result.training_loss)
-        summary.update(epochs.peak_memory())
-        if trainer.state.best_model_checkpoint:
-            summary.update(best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric)
-        save_adapter_and_labels(run, setup)
-        summary.update(evaluate(trainer, setup, run))
-    _show_results(summary)
-    return summary
+    job = TrainJob(setup.model, setup.tokenizer, setup.data.train, setup.data.eval, "sequence_classification",
+                   recipe.train, recipe.seed, setup.context.precision, run.checkpoints_path,
+                   max_length=recipe.data.max_length, collator=collator(recipe, setup.tokenizer),
+                   compute_metrics=metrics.compute_metrics, epoch_records=True)
+    summary = dict(data=setup.data.stats.as_dict(), labels=setup.data.labels, precision=setup.context.precision,
+                   attn_implementation=setup.context.attn_implementation, notes=setup.notes,
+                   f1_definition=metrics.F1_DEFINITION)
+    return Prepared(recipe, job, setup, setup.context, summary, counter_class=LabelCounter)
+
+
+def save(run: RunDir, prepared: Prepared) -> None:
+    save_adapter_and_labels(run, prepared.setup)
+
+
+def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
+    """Validation and test metrics, the per-class report and the confusion matrix."""
+    results = evaluate(result, prepared.setup, run)
+    _show_results(results)
+    return results
 
 
 def save_adapter_and_labels(run: RunDir, setup: ClassifySetup) -> None:
@@ -208,7 +158,7 @@ def save_adapter_and_labels(run: RunDir, setup: ClassifySetup) -> None:
         "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}})
 
 
-def evaluate(trainer: Trainer, setup: ClassifySetup, run: RunDir) -> dict[str, Any]:
+def evaluate(engine: EngineResult, setup: ClassifySetup, run: RunDir) -> dict[str, Any]:
     """Validation metrics (eval_*) and test metrics (test_*), the per-class report and the confusion
     matrix of the test set (of validation when there is no test set). NaN anywhere is a failure."""
     results: dict[str, Any] = {}
@@ -216,7 +166,7 @@ def evaluate(trainer: Trainer, setup: ClassifySetup, run: RunDir) -> dict[str, A
     for prefix, dataset in (("eval", setup.data.eval), ("test", setup.data.test)):
         if dataset is None:
             continue
-        prediction = trainer.predict(dataset, metric_key_prefix=prefix)
+        prediction = engine.predict(dataset, prefix)
         results.update({f"{prefix}_{name}": prediction.metrics.get(f"{prefix}_{name}") for name in METRIC_NAMES})
         detailed = (prefix, prediction)
     _require_finite(results, setup.context)
@@ -260,7 +210,9 @@ def doctor(recipe: Recipe) -> list[str]:
     to the model, one forward + backward."""
     import tempfile
 
-    from peftlab.doctor import Checkup
+    from transformers import Trainer, TrainingArguments
+
+    from peftlab.engines.hf import check_labels_reach_model, trainer_arguments
 
     setup = build(recipe)
     _announce(recipe, setup)
@@ -269,7 +221,7 @@ def doctor(recipe: Recipe) -> list[str]:
     up.check(s.truncation_rate < 0.05, f"{100 * s.truncation_rate:.1f}% of train rows truncated at {recipe.data.max_length}",
              f"{100 * s.truncation_rate:.1f}% of train rows are cut at data.max_length={recipe.data.max_length}: raise it")
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(**trainer_arguments(recipe, RunDir(Path(tmp)), setup.context.precision))
+        args = TrainingArguments(**trainer_arguments(recipe.train, recipe.seed, Path(tmp), setup.context.precision))
         trainer = Trainer(model=setup.model, args=args, train_dataset=setup.data.train, eval_dataset=setup.data.eval,
                           data_collator=collator(recipe, setup.tokenizer))
         try:

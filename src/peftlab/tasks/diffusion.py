@@ -1,4 +1,5 @@
-"""Text-to-image LoRA/QLoRA on a Stable Diffusion UNet: the loop of diffusers' train_text_to_image_lora.py.
+"""Text-to-image LoRA/QLoRA on a Stable Diffusion UNet, as diffusers' train_text_to_image_lora.py trains it
+(declared in diffusion_task.py; the hf engine's accelerate loop runs `Conditioning` as its loss).
 
 Frozen VAE and text encoder (in the training precision), LoRA on the UNet's attention projections through
 peft (`unet.add_adapter`), the UNet in 4-bit for QLoRA, the noise-prediction objective of the scheduler
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,19 @@ import torch.nn.functional as F
 
 from peftlab.config import Recipe
 from peftlab.data.images import ImageCaptions, ImageStats, build_image_data
+from peftlab.distributed import sum_over_ranks
+from peftlab.engines import EngineResult, TrainJob
+from peftlab.engines.optimizers import resolve_optimizer
 from peftlab.errors import PeftlabError
 from peftlab.models import adapt
 from peftlab.models import diffusion as sd
 from peftlab.models.precision import DTYPES, resolve_precision
 from peftlab.report.grids import Grid
 from peftlab.runs import RunDir, atomic_dir
-from peftlab.tasks.common import resolve_optimizer
-from peftlab.watch.console import Progress, say
-from peftlab.watch.guard import HealthGuard, RunContext
-from peftlab.watch.memory import current_memory, memory_kind, peak_memory, reset_peak_memory
+from peftlab.tasks.base import Prepared
+from peftlab.tasks.common import Checkup
+from peftlab.watch.console import say
+from peftlab.watch.guard import RunContext
 
 MODEL_TYPE = "sd-unet"
 GRID_FILE = "grid.png"
@@ -197,84 +201,122 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------- training
 
 
-def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, str | None]:
-    name, note = resolve_optimizer(recipe.train.optimizer)
-    kwargs = {"lr": recipe.train.lr, "weight_decay": recipe.train.weight_decay}
-    if name in ("adamw_torch", "adamw_torch_fused"):
-        return torch.optim.AdamW(params, fused=name.endswith("fused") or None, **kwargs), note
-    if name in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
+class ImageCounter:
+    """Images and micro-steps of the micro-batches the loop consumed (diffusion has no tokens)."""
 
-        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
-        return cls(params, **kwargs), note
-    raise PeftlabError(f"train.optimizer '{name}': not available for the diffusion task; use adamw_torch, "
-                       "adamw_torch_fused, adamw_8bit or paged_adamw_8bit")
+    def __init__(self, samples: int = 0, micro_steps: int = 0) -> None:
+        self.samples, self.micro_steps = samples, micro_steps
+
+    def add(self, batch: dict[str, Any]) -> None:
+        self.samples += len(batch["index"])
+        self.micro_steps += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {"samples": self.samples, "micro_steps": self.micro_steps}
+
+    def total(self) -> ImageCounter:
+        return ImageCounter(*sum_over_ranks([self.samples, self.micro_steps]))
+
+    def rates_since(self, last: ImageCounter, seconds: float) -> dict[str, Any]:
+        return {"samples": self.samples, "samples_per_s": round((self.samples - last.samples) / seconds, 3),
+                # micro-steps/s: what the original printed as it/s
+                "it_per_s": round((self.micro_steps - last.micro_steps) / seconds, 4), "micro_steps": self.micro_steps}
+
+    def summary(self, runtime: float) -> dict[str, Any]:
+        c = self.total()
+        return {"micro_steps": c.micro_steps, "it_per_s": round(c.micro_steps / runtime, 4), "samples": c.samples,
+                "samples_per_s": round(c.samples / runtime, 3)}
 
 
-def total_steps(recipe: Recipe, micro_batches_per_epoch: int) -> int:
-    t = recipe.train
-    return t.max_steps or max(1, math.ceil(t.epochs * micro_batches_per_epoch / t.grad_accum))
+class Conditioning:
+    """The task's loss per micro-batch: latents and text states from the cache or the frozen encoders
+    (timed, for the cache report), then the noise-prediction loss of the UNet."""
+
+    def __init__(self, recipe: Recipe, setup: DiffusionSetup, device: torch.device, cached: bool, kind: str) -> None:
+        self.recipe, self.setup, self.device, self.cached, self.kind = recipe, setup, device, cached, kind
+        self.encode_s = 0.0  # time in the VAE + text encoder, measured when not cached
+
+    def condition(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.setup.parts
+        if self.cached:
+            return _sample_cached(parts, batch["latent_params"], self.device), batch["states"].to(self.device)
+        _sync(self.device)
+        begin = time.perf_counter()
+        latents = _encode_pixels(parts, batch["pixel_values"], self.setup.dtype)
+        states = _encode_text(parts, batch["input_ids"])
+        _sync(self.device)
+        self.encode_s += time.perf_counter() - begin
+        return latents, states
+
+    def __call__(self, unet: Any, batch: dict[str, Any]) -> torch.Tensor:
+        latents, states = self.condition(batch)
+        return noise_prediction_loss(unet, latents, states, self.setup.parts.noise_scheduler, self.recipe, self.kind)
 
 
-def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
-          callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Build, train, save the adapter and the sample grid; returns the summary fields. (`callbacks` are
-    TrainerCallbacks of the Trainer-based tasks; this loop has no Trainer to call them.)"""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+@dataclass
+class DiffusionRun:
+    """What `prepare` hands to `save` and `finish`."""
+
+    setup: DiffusionSetup
+    cache: LatentCache | None
+    conditioning: Conditioning
+    device: torch.device
+
+
+def prepare(recipe: Recipe, run: RunDir) -> Prepared:
+    """UNet with LoRA and the image data (or their cached encodings) for the training skeleton; the
+    engine calls `Conditioning` for the loss of each micro-batch."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
-    if resume_from is not None:
-        raise PeftlabError("train --resume: diffusion runs write no checkpoints yet; fix: start a new run "
-                           "(the adapter of the stopped run is in its adapter/ folder)")
-    if callbacks:
-        raise PeftlabError("task diffusion: trainer callbacks (sweep pruning) are not supported; fix: run a sweep "
-                           "with sweep.pruner=none, or use the sft/classify tasks")
-    t = recipe.train
-    precision = resolve_precision(t.precision, MODEL_TYPE)
-    # accelerate's state is per process and refuses a second precision: a matrix or sweep trains several runs
-    # in one process (the HF Trainer resets it the same way).
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=precision if precision in ("bf16", "fp16") else "no",
-                              gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(recipe.seed)
-    setup = build(recipe, accelerator.device)
-    parts = setup.parts
-    kind = prediction_type(recipe, parts.noise_scheduler)
-    cache = _build_cache(recipe, setup, accelerator.device)
-    dataset = cache or setup.data
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(recipe.seed))
-    steps = total_steps(recipe, len(loader))
-    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * steps)
-    params = [p for p in parts.unet.parameters() if p.requires_grad]
-    optimizer, note = make_optimizer(recipe, params)
+    setup = build(recipe, device)
+    kind = prediction_type(recipe, setup.parts.noise_scheduler)
+    cache = _build_cache(recipe, setup, device)
+    _, note = resolve_optimizer(recipe.train.optimizer)
     setup.notes += [note] if note else []
-    lr_scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     _announce(recipe, setup, kind, cache)
-    run.update_summary(data=setup.stats.as_dict(), precision=precision, attn_implementation=setup.context.attn_implementation,
-                       prediction_type=kind, notes=setup.notes, trainable_params=setup.params.trainable,
-                       total_params=setup.params.total, unet=setup.unet_facts, max_steps=steps)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(parts.unet, optimizer, loader, lr_scheduler)
-    loop = Loop(recipe, run, setup, accelerator, cache is not None, kind)
-    reset_peak_memory()
-    try:
-        summary = loop.run(unet, optimizer, loader, lr_scheduler, params, steps, Progress("train", show_progress))
-    except KeyboardInterrupt:
-        save_adapter(run, accelerator.unwrap_model(unet))  # what was learnt so far stays usable
-        raise
-    summary.update(peak_memory())
-    summary["latent_cache"] = loop.cache_report(cache)
-    unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)  # sampling autocasts itself, see sample_grid
-    save_adapter(run, unet)
-    if cache is not None:
-        _place_frozen(parts, accelerator.device)
-    if recipe.eval.prompts:
-        grid = sample_grid(recipe, setup, unet)
+    conditioning = Conditioning(recipe, setup, device, cache is not None, kind)
+    job = TrainJob(setup.parts.unet, setup.parts.tokenizer, cache or setup.data, None, "custom", recipe.train,
+                   recipe.seed, setup.context.precision, run.checkpoints_path, loss_fn=conditioning)
+    summary = dict(data=setup.stats.as_dict(), precision=setup.context.precision,
+                   attn_implementation=setup.context.attn_implementation, prediction_type=kind, notes=setup.notes,
+                   trainable_params=setup.params.trainable, total_params=setup.params.total, unet=setup.unet_facts)
+    return Prepared(recipe, job, DiffusionRun(setup, cache, conditioning, device), setup.context, summary,
+                    counter_class=ImageCounter)
+
+
+def save(run: RunDir, prepared: Prepared) -> None:
+    save_adapter(run, prepared.setup.setup.parts.unet)
+
+
+def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
+    """The cache report and the sample grid (base vs adapter)."""
+    state, recipe = prepared.setup, prepared.recipe
+    summary = {"latent_cache": cache_report(state, prepared.counter.total(), result.runtime_s)}
+    if state.cache is not None:
+        _place_frozen(state.setup.parts, state.device)
+    if recipe.eval.prompts and run.writer:
+        grid = sample_grid(recipe, state.setup, state.setup.parts.unet)
         grid.save(run.samples_path / GRID_FILE)
         say(f"samples: {run.samples_path / GRID_FILE} ({len(grid.rows)} rows x {len(grid.columns)} columns)")
     return summary
+
+
+def cache_report(state: DiffusionRun, counted: ImageCounter, runtime: float) -> dict[str, Any]:
+    """What caching saves per micro-step: measured encode time vs the step time (one side is an estimate)."""
+    micro = max(counted.micro_steps, 1)
+    step_s = runtime / micro
+    per_step_images = counted.samples / micro
+    cache = state.cache
+    if cache is not None:
+        encode = cache.seconds / max(cache.encoded_images, 1) * per_step_images
+        return {"enabled": True, "build_s": round(cache.seconds, 3), "step_s": round(step_s, 4),
+                "step_s_without_cache_est": round(step_s + encode, 4),
+                "saved_pct_est": round(100 * encode / (step_s + encode), 1)}
+    encode = state.conditioning.encode_s / micro
+    return {"enabled": False, "encode_s_per_step": round(encode, 4), "step_s": round(step_s, 4),
+            "step_s_with_cache_est": round(step_s - encode, 4), "saved_pct_est": round(100 * encode / step_s, 1)}
 
 
 def _build_cache(recipe: Recipe, setup: DiffusionSetup, device: torch.device) -> LatentCache | None:
@@ -292,127 +334,6 @@ def _build_cache(recipe: Recipe, setup: DiffusionSetup, device: torch.device) ->
 def _place_frozen(parts: sd.SdParts, device: torch.device) -> None:
     parts.vae.to(device)
     parts.text_encoder.to(device)
-
-
-class Loop:
-    """The accumulate / backward / clip / step loop, with the monitor's records every logging step."""
-
-    def __init__(self, recipe: Recipe, run: RunDir, setup: DiffusionSetup, accelerator: Any, cached: bool, kind: str):
-        self.recipe, self.folder, self.setup, self.accelerator, self.cached, self.kind = recipe, run, setup, accelerator, cached, kind
-        self.guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
-        self.micro = self.images = 0
-        self.encode_s = 0.0  # time in the VAE + text encoder, measured when not cached
-        self.losses: list[torch.Tensor] = []
-        self.start = self.last_time = time.perf_counter()
-        self.last = (0, 0, 0)  # step, micro-steps, images at the previous record
-        self.history: list[dict[str, Any]] = []
-
-    def condition(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, encoder hidden states) of a batch: from the cache, or by running the frozen encoders."""
-        parts, device = self.setup.parts, self.accelerator.device
-        if self.cached:
-            return _sample_cached(parts, batch["latent_params"], device), batch["states"].to(device)
-        _sync(device)
-        begin = time.perf_counter()
-        latents = _encode_pixels(parts, batch["pixel_values"], self.setup.dtype)
-        states = _encode_text(parts, batch["input_ids"])
-        _sync(device)
-        self.encode_s += time.perf_counter() - begin
-        return latents, states
-
-    def micro_step(self, unet: Any, batch: dict[str, Any]) -> torch.Tensor:
-        latents, states = self.condition(batch)
-        return noise_prediction_loss(unet, latents, states, self.setup.parts.noise_scheduler, self.recipe, self.kind)
-
-    def run(self, unet: Any, optimizer: Any, loader: Any, lr_scheduler: Any, params: list, steps: int,
-            progress: Progress) -> dict[str, Any]:
-        accelerator, t = self.accelerator, self.recipe.train
-        unet.train()
-        progress.start(total=steps)
-        self.start = self.last_time = time.perf_counter()
-        step, grad_norm = 0, None
-        try:
-            for batch in _forever(loader):
-                with accelerator.accumulate(unet):
-                    loss = self.micro_step(unet, batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                self.losses.append(loss.detach())
-                self.micro += 1
-                self.images += _batch_size(batch)
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                progress.advance(step)
-                if step % t.logging_steps == 0 or step == steps:
-                    self.log(step, grad_norm, lr_scheduler.get_last_lr()[0], len(loader), progress)
-                if step >= steps:
-                    break
-        finally:
-            progress.stop()
-        return self.summary(step)
-
-    def log(self, step: int, grad_norm: Any, lr: float, per_epoch: int, progress: Progress) -> None:
-        now = time.perf_counter()
-        dt = max(now - self.last_time, 1e-9)
-        window = torch.stack(self.losses[self.last[1]:]).float().mean().item()
-        last_step, last_micro, last_images = self.last
-        record = {
-            "kind": "train", "step": step, "epoch": round(self.micro / per_epoch, 4), "loss": window,
-            "grad_norm": None if grad_norm is None else float(grad_norm), "lr": lr, "samples": self.images,
-            "samples_per_s": round((self.images - last_images) / dt, 3),
-            "it_per_s": round((self.micro - last_micro) / dt, 4),  # micro-steps/s: what the original printed
-            "steps_per_s": round((step - last_step) / dt, 4), "micro_steps": self.micro,
-            **current_memory(), **peak_memory(), "time": round(now - self.start, 3),
-        }
-        self.folder.append_metrics(record)
-        progress.log(record)
-        self.history.append(record)
-        self.last_time, self.last = now, (step, self.micro, self.images)
-        if self.guard:
-            self.guard.check_log(step, record)
-
-    def summary(self, steps: int) -> dict[str, Any]:
-        runtime = time.perf_counter() - self.start
-        return {
-            "runtime_s": round(runtime, 3),
-            "steps": steps,
-            "micro_steps": self.micro,
-            "steps_per_s": round(steps / runtime, 4),
-            "it_per_s": round(self.micro / runtime, 4),
-            "samples": self.images,
-            "samples_per_s": round(self.images / runtime, 3),
-            "final_train_loss": self.history[-1]["loss"] if self.history else None,
-            "mean_train_loss": torch.stack(self.losses).float().mean().item() if self.losses else None,
-            "memory_kind": memory_kind(),
-        }
-
-    def cache_report(self, cache: LatentCache | None) -> dict[str, Any]:
-        """What caching saves per micro-step: measured encode time vs the step time (one side is an estimate)."""
-        runtime = time.perf_counter() - self.start
-        step_s = runtime / max(self.micro, 1)
-        per_step_images = self.images / max(self.micro, 1)
-        if cache is not None:
-            encode = cache.seconds / max(cache.encoded_images, 1) * per_step_images
-            return {"enabled": True, "build_s": round(cache.seconds, 3), "step_s": round(step_s, 4),
-                    "step_s_without_cache_est": round(step_s + encode, 4),
-                    "saved_pct_est": round(100 * encode / (step_s + encode), 1)}
-        encode = self.encode_s / max(self.micro, 1)
-        return {"enabled": False, "encode_s_per_step": round(encode, 4), "step_s": round(step_s, 4),
-                "step_s_with_cache_est": round(step_s - encode, 4), "saved_pct_est": round(100 * encode / step_s, 1)}
-
-
-def _forever(loader: Any) -> Iterator[dict[str, Any]]:
-    while True:
-        yield from loader
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    return len(batch["index"])
 
 
 def _announce(recipe: Recipe, setup: DiffusionSetup, kind: str, cache: LatentCache | None) -> None:
@@ -508,8 +429,6 @@ def generate_images(pipeline: Any, recipe: Recipe, prompts: list[str], out_dir: 
 
 def doctor(recipe: Recipe) -> list[str]:
     """`peftlab doctor` for a diffusion recipe: data, what trains, weight bytes per method, one micro-step."""
-    from peftlab.doctor import Checkup
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     setup = build(recipe, device)
     kind = prediction_type(recipe, setup.parts.noise_scheduler)

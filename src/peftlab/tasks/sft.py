@@ -1,42 +1,36 @@
-"""Instruction SFT of a causal LM with LoRA/QLoRA, on trl's SFTTrainer.
+"""Instruction SFT of a causal LM with LoRA/QLoRA (declared in sft_task.py).
 
-`build` turns a recipe into a ready model + data; `train` runs it into a run folder. The tiny CPU
-twin and the GPU run differ only in the recipe.
+`build` turns a recipe into a ready model + data; `prepare` / `save` / `finish` are this task's part of
+the training skeleton (training.py), an engine runs the loop (the hf engine: trl's SFTTrainer). The tiny
+CPU twin and the GPU run differ only in the recipe.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
 
 from peftlab.config import Recipe
-from peftlab.data.instructions import InstructionData, build_instruction_data, render_prompt
+from peftlab.data.instructions import IGNORE_INDEX, InstructionData, build_instruction_data, render_prompt
+from peftlab.distributed import shards_weights
+from peftlab.engines import EngineResult, TrainJob
 from peftlab.models import adapt, loader
+from peftlab.models.memory import GIB, estimate_memory
 from peftlab.models.precision import DTYPES
-from peftlab.reliability import TrainingInterrupted
 from peftlab.runs import RunDir, atomic_write_text
-from peftlab.tasks.common import (
-    CountsBatches,
-    announce,
-    resumed_counter,
-    run_context,
-    save_adapter,
-    throughput,
-    train_counted,
-    trainer_arguments,
-)
-from peftlab.watch.console import Progress, say
-from peftlab.watch.guard import HealthGuard, RunContext, check_batch_labels
-from peftlab.watch.memory import peak_memory_all_ranks, reset_peak_memory
-from peftlab.watch.monitor import BatchCounter, MonitorCallback
+from peftlab.tasks.base import Prepared
+from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
+from peftlab.watch.console import say
+from peftlab.watch.guard import RunContext
+
+# Real data has a long tail (Dolly at the seed's 768 tokens: ~2% of prompts alone fill it, ~4% are cut):
+# a few such rows are normal, this many means max_length is wrong for the data.
+MAX_DROPPED_RATE = 0.05
+MAX_TRUNCATION_RATE = 0.2
 
 
 @dataclass
@@ -58,84 +52,46 @@ def build(recipe: Recipe, data: bool = True) -> SftSetup:
     instruction_data = build_instruction_data(recipe.data, tokenizer, recipe.seed) if data else None
     model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if recipe.model.source.startswith("preset:"):
-        notes.append(loader.presets.tokenizer_note(recipe.model.source.removeprefix("preset:")))
+    notes += loader.tokenizer_notes(recipe.model)
     return SftSetup(model, tokenizer, instruction_data, context, adapt.count_params(model), notes)
 
 
 def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str) -> tuple[Any, list[str]]:
     quant = None
     if recipe.method.name == "qlora":
-        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype)
-    model = loader.load_causal_lm(recipe.model, dtype, attn, quant)
+        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype, shards_weights=shards_weights())
+    model = loader.load_causal_lm(recipe.model, dtype, attn, quant, shards_weights())
     notes = []
     if quant is not None:
         notes += adapt.prepare_kbit(model, recipe.method.quant.kbit_prep, recipe.train.gradient_checkpointing)
     return adapt.apply_lora(model, recipe.method.lora), notes
 
 
-class CountingSFTTrainer(CountsBatches, SFTTrainer):
-    """SFTTrainer that counts the tokens of every consumed micro-batch and refuses all-masked ones."""
-
-    def __init__(self, *args: Any, counter: BatchCounter, **kwargs: Any) -> None:
-        super().__init__(*args, counter=counter, **kwargs)
-        self.data_collator = self._refusing_all_masked(self.data_collator)
-
-    def _refusing_all_masked(self, collate: Any) -> Any:
-        # Checked on the CPU batch, before it reaches the device: no host sync per micro-batch.
-        def collate_checked(features: list[dict[str, Any]]) -> dict[str, Any]:
-            batch = collate(features)
-            check_batch_labels(int(BatchCounter.trained_in(batch["labels"])), self.state.global_step)
-            return batch
-
-        return collate_checked
-
-
-def training_arguments(recipe: Recipe, run: RunDir, precision: str) -> SFTConfig:
-    t = recipe.train
-    return SFTConfig(
-        **trainer_arguments(recipe, run, precision),
-        padding_free=t.padding_free,
-        max_length=None if t.padding_free else recipe.data.max_length,
-    )
-
-
-def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
-          callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
-    """Build, train (or continue from the checkpoint `resume_from`), evaluate, save the adapter and
-    samples; returns the summary fields."""
-    from peftlab.doctor import estimate_memory
-
+def prepare(recipe: Recipe, run: RunDir) -> Prepared:
+    """Model and data for the training skeleton, with the memory estimate recorded before training."""
     setup = build(recipe)
     _announce(recipe, setup)
-    estimate = estimate_memory(setup.model, recipe, 4 if setup.context.precision == "fp32" else 2)
-    run.update_summary(data=setup.data.stats.as_dict(), precision=setup.context.precision,
-                       attn_implementation=setup.context.attn_implementation, notes=setup.notes,
-                       memory_estimate={**asdict(estimate), "total_gib": estimate.total_gib})
-    counter, seconds_before = resumed_counter(BatchCounter, resume_from)
-    guard = HealthGuard(setup.context, recipe.watch.patience) if recipe.watch.guard else None
-    trainer = CountingSFTTrainer(
-        model=setup.model,
-        args=training_arguments(recipe, run, setup.context.precision),
-        train_dataset=setup.data.train,
-        eval_dataset=setup.data.eval,
-        processing_class=setup.tokenizer,
-        counter=counter,
-        callbacks=[MonitorCallback(run, counter, guard, Progress("train", show_progress)), *callbacks],
-    )
-    trainer.remove_callback(PrinterCallback)  # our monitor prints the metrics
-    reset_peak_memory()
-    try:
-        result, runtime = train_counted(trainer, recipe, resume_from, seconds_before)
-    except TrainingInterrupted:
-        save_adapter(run, setup.model, setup.tokenizer)
-        raise
-    summary = throughput(trainer, counter, runtime, result.training_loss)
-    summary.update(peak_memory_all_ranks())
-    summary.update(_evaluate(trainer, setup.data))
-    save_adapter(run, setup.model, setup.tokenizer)
-    write_samples(run, recipe, setup.model, setup.tokenizer)
-    return summary
+    t = recipe.train
+    estimate = estimate_memory(setup.model, t.batch_size, recipe.data.max_length, t.gradient_checkpointing,
+                               4 if setup.context.precision == "fp32" else 2)
+    job = TrainJob(setup.model, setup.tokenizer, setup.data.train, setup.data.eval, "causal_lm", t, recipe.seed,
+                   setup.context.precision, run.checkpoints_path, max_length=recipe.data.max_length)
+    summary = dict(data=setup.data.stats.as_dict(), precision=setup.context.precision,
+                   attn_implementation=setup.context.attn_implementation, notes=setup.notes,
+                   memory_estimate={**asdict(estimate), "total_gib": estimate.total_gib})
+    return Prepared(recipe, job, setup, setup.context, summary)
+
+
+def save(run: RunDir, prepared: Prepared) -> None:
+    save_adapter(run, prepared.setup.model, prepared.setup.tokenizer)
+
+
+def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
+    """Validation loss and perplexity, then the samples."""
+    setup = prepared.setup
+    metrics = evaluate(result, setup.data)
+    write_samples(run, prepared.recipe, setup.model, setup.tokenizer)
+    return metrics
 
 
 def _announce(recipe: Recipe, setup: SftSetup) -> None:
@@ -146,10 +102,10 @@ def _announce(recipe: Recipe, setup: SftSetup) -> None:
         + (f", {s.dropped_fully_masked} dropped (prompt fills max_length)" if s.dropped_fully_masked else ""))
 
 
-def _evaluate(trainer: SFTTrainer, data: InstructionData) -> dict[str, Any]:
+def evaluate(result: EngineResult, data: InstructionData) -> dict[str, Any]:
     if data.eval is None:
         return {"eval_loss": None, "perplexity": None}
-    loss = trainer.evaluate()["eval_loss"]
+    loss = result.evaluate(data.eval, "eval")["eval_loss"]
     return {"eval_loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 700 else None}
 
 
@@ -196,3 +152,73 @@ def load_for_inference(run: RunDir, recipe: Recipe) -> tuple[Any, Any]:
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
     return PeftModel.from_pretrained(base, run.adapter_path), tokenizer
 
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def show_example(tokenizer: Any, example: dict[str, Any]) -> None:
+    ids, labels = example["input_ids"], example["labels"]
+    masked = [i for i, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
+    trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    say(f"example: {len(masked)} prompt tokens masked (-100), {len(trained)} tokens trained")
+    say("  masked  | " + tokenizer.decode(masked).replace("\n", "\n          | "))
+    say("  TRAINED | " + tokenizer.decode(trained).replace("\n", "\n          | "))
+
+
+def forward_backward(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, bool]:
+    """Loss of one padded batch and whether every LoRA gradient is finite."""
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = tokenizer.pad_token_id
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], device=model.device)
+
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], device=model.device)
+    model.train()
+    out = model(input_ids=padded("input_ids", pad), attention_mask=mask, labels=padded("labels", IGNORE_INDEX))
+    out.loss.backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return float(out.loss.detach()), grads_finite
+
+
+def doctor(recipe: Recipe) -> list[str]:
+    """`peftlab doctor` for an SFT recipe: what the loss sees (one example with masked and trained tokens marked),
+    masking, lengths and truncation, one forward+backward, parameters and the memory estimate."""
+    setup = build(recipe)
+    c, s = setup.context, setup.data.stats
+    announce(recipe, c, setup.params, setup.notes)
+    show_example(setup.tokenizer, setup.data.train[0])
+    up = Checkup()
+    say(f"lengths (tokens, after truncation at {recipe.data.max_length}): mean {s.tokens_mean}, median {s.tokens_median}, "
+        f"p90 {s.tokens_p90}, max {s.tokens_max}; truncated {s.truncated}/{s.rows} ({100 * s.truncation_rate:.1f}%)")
+    total = s.trained_tokens + s.masked_tokens
+    say(f"label tokens over {s.rows} rows: {s.trained_tokens} trained, {s.masked_tokens} masked "
+        f"({100 * s.masked_tokens / max(total, 1):.1f}% masked)")
+    dropped = s.dropped_fully_masked / max(s.rows, 1)
+    up.check(dropped <= MAX_DROPPED_RATE,
+             f"{s.dropped_fully_masked}/{s.rows} examples fully masked and dropped ({100 * dropped:.1f}% <= "
+             f"{100 * MAX_DROPPED_RATE:.0f}%)",
+             f"{s.dropped_fully_masked}/{s.rows} examples ({100 * dropped:.1f}%) have every label masked (prompt fills "
+             "data.max_length) and are dropped: raise data.max_length")
+    up.check(s.truncation_rate < MAX_TRUNCATION_RATE,
+             f"truncation rate {100 * s.truncation_rate:.1f}% < {100 * MAX_TRUNCATION_RATE:.0f}%",
+             f"{100 * s.truncation_rate:.1f}% of examples are truncated: raise data.max_length")
+    batch = [setup.data.train[i] for i in range(min(recipe.train.batch_size, len(setup.data.train)))]
+    loss, grads_ok = forward_backward(setup.model, setup.tokenizer, batch)
+    up.check(math.isfinite(loss) and loss > 0, f"forward: loss {loss:.4f} is finite and > 0",
+             f"forward: loss {loss} is not finite and > 0 (see the guard's causes: precision, attention, masking)")
+    up.check(grads_ok, "backward: all LoRA gradients finite", "backward: non-finite LoRA gradients")
+    t = recipe.train
+    est = estimate_memory(setup.model, t.batch_size, recipe.data.max_length, t.gradient_checkpointing,
+                          4 if c.precision == "fp32" else 2)
+    say(f"memory estimate at batch {recipe.train.batch_size} x {recipe.data.max_length} tokens: ~{est.total_gib:.2f} GiB "
+        f"(weights {est.weights_gib:.2f}, LoRA params+grads+AdamW {est.trainable_state_gib:.2f}, "
+        f"activations {est.activations_gib:.2f}, logits {est.logits_gib:.2f})")
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0] / GIB
+        up.check(est.total_gib < free, f"fits: {free:.1f} GiB free on the GPU",
+                 f"estimate {est.total_gib:.1f} GiB > {free:.1f} GiB free: lower train.batch_size or data.max_length, "
+                 "turn on train.gradient_checkpointing, or use method.name=qlora")
+    return up.problems

@@ -114,3 +114,13 @@ def print_table(headers: list[str], rows: list[list[str]], title: str | None = N
     for row in rows:
         table.add_row(*row)
     console().print(table)
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 2h03m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -19,10 +19,10 @@ import yaml
 from rich.live import Live
 from rich.text import Text
 
-from peftlab.report.compare import key_metric_text, key_metrics, number
+from peftlab.columns import key_metric_text, key_metrics, number
 from peftlab.runs import RunDir
 from peftlab.secrets import redact
-from peftlab.watch.console import console, format_record, say
+from peftlab.watch.console import console, duration, format_record, say
 
 BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"  # lower eighth .. full block
 ASCII_RAMP = "_.-~=+*#"
@@ -98,8 +98,6 @@ def max_steps_of(run: RunDir, summary: dict[str, Any]) -> float | None:
 
 def status_line(run: RunDir, summary: dict[str, Any], train: list[dict[str, Any]], age_s: float | None,
                 unicode: bool) -> str:
-    from peftlab.registry import duration
-
     step = number(train[-1].get("step")) if train else None
     planned = max_steps_of(run, summary)
     rate = steps_per_second(train)

@@ -1,22 +1,16 @@
-"""The monitor: one JSON line per logging step in metrics.jsonl, a progress bar, and the guard.
+"""What the monitor counts: tokens and samples of the micro-batches a training loop consumed.
 
 Throughput is counted from the batches the training loop actually consumed (see `BatchCounter`),
-not from the dataloader, which prefetches one batch ahead.
+not from the dataloader, which prefetches one batch ahead. The records themselves are written by the
+training hooks (engines/hooks.py).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import TrainerCallback
-
 from peftlab.distributed import sum_over_ranks
-from peftlab.runs import RunDir
-from peftlab.watch.console import Progress
-from peftlab.watch.guard import HealthGuard
-from peftlab.watch.memory import current_memory
 
 
 @dataclass
@@ -60,65 +54,17 @@ class BatchCounter:
         own = self.snapshot()
         return BatchCounter(*sum_over_ranks([own.samples, own.tokens, own.padded_tokens, own.trained_tokens]))
 
+    def rates_since(self, last: BatchCounter, seconds: float) -> dict[str, Any]:
+        """Record fields of these totals (from `total()`) and the rates since the totals `last`."""
+        c = self
+        return {"tokens": c.tokens, "padded_tokens": c.padded_tokens, "samples": c.samples,
+                "tokens_per_s": round((c.tokens - last.tokens) / seconds, 2),
+                "padded_tokens_per_s": round((c.padded_tokens - last.padded_tokens) / seconds, 2),
+                "samples_per_s": round((c.samples - last.samples) / seconds, 3)}
 
-class MonitorCallback(TrainerCallback):
-    def __init__(self, run: RunDir, counter: BatchCounter, guard: HealthGuard | None, progress: Progress) -> None:
-        self.run, self.counter, self.guard, self.progress = run, counter, guard, progress
-        self.start = self.last_time = time.perf_counter()
-        self.last = BatchCounter()
-        self.last_step = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = self.last_time = time.perf_counter()
-        self.last = self.counter.total()
-        self.last_step = state.global_step
-        self.run.update_summary(max_steps=state.max_steps)  # `peftlab watch` computes its ETA from it
-        self.progress.start(total=state.max_steps, done=state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.progress.advance(state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" in logs:
-            record = self._train_record(state, logs)
-            self.run.append_metrics(record)
-            self.progress.log(record)
-            if self.guard:
-                self.guard.check_log(state.global_step, logs)
-        elif "eval_loss" in logs:
-            record = {"kind": "eval", "step": state.global_step, "epoch": state.epoch, "time": self._elapsed()}
-            record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
-            self.run.append_metrics(record)
-            self.progress.log(record)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.progress.stop()
-
-    def _elapsed(self) -> float:
-        return round(time.perf_counter() - self.start, 3)
-
-    def _train_record(self, state, logs: dict[str, Any]) -> dict[str, Any]:
-        now = time.perf_counter()
-        dt = max(now - self.last_time, 1e-9)
-        c, last = self.counter.total(), self.last
-        record = {
-            "kind": "train",
-            "step": state.global_step,
-            "epoch": round(state.epoch or 0.0, 4),
-            "loss": logs.get("loss"),
-            "grad_norm": logs.get("grad_norm"),
-            "lr": logs.get("learning_rate"),
-            "tokens": c.tokens,
-            "padded_tokens": c.padded_tokens,
-            "samples": c.samples,
-            "tokens_per_s": round((c.tokens - last.tokens) / dt, 2),
-            "padded_tokens_per_s": round((c.padded_tokens - last.padded_tokens) / dt, 2),
-            "samples_per_s": round((c.samples - last.samples) / dt, 3),
-            "steps_per_s": round((state.global_step - self.last_step) / dt, 4),
-            **current_memory(),
-            "time": round(now - self.start, 3),
-        }
-        self.last_time, self.last_step = now, state.global_step
-        self.last = c
-        return record
+    def summary(self, runtime: float) -> dict[str, Any]:
+        """Throughput fields of a finished run (a collective)."""
+        c = self.total()
+        return {"samples": c.samples, "samples_per_s": round(c.samples / runtime, 3), "tokens": c.tokens,
+                "tokens_per_s": round(c.tokens / runtime, 2), "padded_tokens": c.padded_tokens,
+                "padded_tokens_per_s": round(c.padded_tokens / runtime, 2), "trained_tokens": c.trained_tokens}

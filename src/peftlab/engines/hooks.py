@@ -1,0 +1,120 @@
+"""The hooks every engine's loop calls: the one place where a training run is observed.
+
+A record at a logging step goes to metrics.jsonl, the health guard, the progress bar and tracking (W&B);
+an evaluation record goes to metrics.jsonl, the progress bar, tracking and the listeners (a sweep's pruner),
+which may ask the loop to stop. Plain methods, no framework: the hf engine adapts them through a
+TrainerCallback (engines/hf.py), any other loop calls them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from peftlab.runs import RunDir
+from peftlab.tracking import Tracker
+from peftlab.watch.console import Progress
+from peftlab.watch.guard import HealthGuard
+from peftlab.watch.memory import current_memory
+
+
+class Counter(Protocol):
+    """Totals over consumed micro-batches (watch/monitor.py's BatchCounter for token tasks)."""
+
+    def add(self, batch: dict[str, Any]) -> None: ...
+
+    def total(self) -> Any: ...  # totals summed over ranks, as plain ints (a collective), with rates_since(last, s)
+
+    def as_dict(self) -> dict[str, int]: ...
+
+    def summary(self, runtime: float) -> dict[str, Any]: ...  # summary fields of the whole run
+
+
+class Listener(Protocol):
+    """Something that follows the evaluations (a sweep's pruner): returns True to stop training."""
+
+    def train_begun(self) -> None: ...
+
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> bool: ...
+
+    def train_ended(self) -> None: ...
+
+
+class TrainingHooks:
+    def __init__(self, run: RunDir, counter: Counter, guard: HealthGuard | None, progress: Progress,
+                 tracker: Tracker, listeners: Sequence[Listener] = (), seconds_before: float = 0.0) -> None:
+        self.run, self.counter, self.guard, self.progress, self.tracker = run, counter, guard, progress, tracker
+        self.listeners = list(listeners)
+        self.seconds_before = seconds_before  # training time of the run's earlier sessions (resume)
+        self.start = self.last_time = time.perf_counter()
+        self.last: Any = None
+        self.last_step = 0
+        self.stop_requested = False
+
+    # ------------------------------------------------------------ the loop's calls
+
+    def train_begin(self, max_steps: int, step: int = 0) -> None:
+        self.start = self.last_time = time.perf_counter()
+        self.last, self.last_step = self.counter.total(), step
+        self.run.update_summary(max_steps=max_steps)  # `peftlab watch` computes its ETA from it
+        self.progress.start(total=max_steps, done=step)
+        for listener in self.listeners:
+            listener.train_begun()
+
+    def micro_batch(self, batch: dict[str, Any]) -> None:
+        """One micro-batch the loop trains on (not what a dataloader prefetched)."""
+        self.counter.add(batch)
+
+    def step_end(self, step: int) -> None:
+        self.progress.advance(step)
+
+    def log_train(self, step: int, epoch: float, loss: float | None, grad_norm: float | None, lr: float | None,
+                  **extra: Any) -> dict[str, Any]:
+        """A logging step: the record in metrics.jsonl, on the console and in tracking; then the guard (raises
+        GuardFailure on a broken run)."""
+        now = time.perf_counter()
+        dt = max(now - self.last_time, 1e-9)
+        totals = self.counter.total()
+        record = {"kind": "train", "step": step, "epoch": round(epoch or 0.0, 4), "loss": loss,
+                  "grad_norm": grad_norm, "lr": lr, **totals.rates_since(self.last, dt),
+                  "steps_per_s": round((step - self.last_step) / dt, 4), **extra, **current_memory(),
+                  "time": round(now - self.start, 3)}
+        self.last_time, self.last_step, self.last = now, step, totals
+        self._emit(record)
+        if self.guard:
+            self.guard.check_log(step, record)
+        return record
+
+    def log_eval(self, step: int, epoch: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
+        """An evaluation (eval_* metrics): recorded, then shown to the listeners, which may stop training."""
+        record = {"kind": "eval", "step": step, "epoch": epoch, "time": round(time.perf_counter() - self.start, 3)}
+        record.update({k: v for k, v in metrics.items() if k.startswith("eval_")})
+        self._emit(record)
+        for listener in self.listeners:
+            self.stop_requested |= bool(listener.evaluated(step, metrics))
+        return record
+
+    def should_stop(self) -> bool:
+        """A listener asked to end training now (the run still completes, with what it has)."""
+        return self.stop_requested
+
+    def train_end(self) -> None:
+        self.progress.stop()
+        for listener in self.listeners:
+            listener.train_ended()
+
+    # ------------------------------------------------------------ for checkpoints and the summary
+
+    def runtime(self) -> float:
+        """Training seconds of the whole run, earlier sessions included."""
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def carry(self) -> dict[str, Any]:
+        """What a checkpoint must carry for a resumed run to count on: counters and training time."""
+        return {"counter": self.counter.as_dict(), "runtime_s": self.runtime()}
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.run.append_metrics(record)
+        self.progress.log(record)
+        self.tracker.log(record)
