@@ -153,3 +153,4 @@ def resolve_engine(requested: str, job: TrainJob) -> Engine:
 
 
 register_engine("hf", "peftlab.engines.hf:HfEngine")
+register_engine("fast", "peftlab.engines.fast.engine:FastEngine", auto_rank=1)  # sft/classify on CUDA (engines/fast/)

@@ -1,0 +1,90 @@
+"""Regional torch.compile of the repeated decoder blocks, with a persistent compile cache.
+
+Regional: each decoder layer is compiled with static shapes (dynamic=False); all layers share one compiled
+graph (same code, same shapes), so compile time is that of one block, not of the whole model, and the
+LoRA layers inside the block are fused with it. Static shapes hold because every micro-batch is one packed row
+of the same token budget.
+
+Persistent cache: torch's portable "mega-cache" (torch.compiler.save_cache_artifacts / load_cache_artifacts,
+inductor's FX-graph, AOTAutograd and Triton kernels in one blob) is written under
+$PEFTLAB_CACHE/compile/<key>/ after the first compiled step and loaded before the next run compiles, so a
+second run of the same recipe skips most of the compile time. The key covers what makes a compiled graph
+invalid: the model config, the token budget, precision, checkpointing, the device and library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.engines.fast.loss import chunk_loss_and_grad
+from peftlab.engines.fast.model import FastModel
+from peftlab.models.presets import cache_root
+from peftlab.runs import atomic_dir
+
+ARTIFACTS = "artifacts.bin"
+
+
+def compile_layers(model: FastModel, mode: str | None = None, backend: str = "inductor") -> int:
+    """Compile every decoder layer of `model` in place (nn.Module.compile); returns the number of layers.
+    mode: torch.compile mode (None = default; "max-autotune-no-cudagraphs" tunes GEMMs longer)."""
+    for layer in model.decoder_layers:
+        layer.compile(dynamic=False, mode=mode, backend=backend)
+    return len(model.decoder_layers)
+
+
+def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:
+    """Fuse the elementwise passes of the chunked LM loss (softcap, softmax, gradient) over each [chunk x vocab]
+    block of logits into a few kernels; chunks have one static shape (plus the last one's)."""
+    model.ce_core = torch.compile(chunk_loss_and_grad, dynamic=False, backend=backend)
+
+
+def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool) -> str:
+    """A short hash of everything a compiled graph depends on (architecture, shapes, dtypes, versions, device)."""
+    import peft
+    import transformers
+
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    lora = model.peft_model.peft_config[model.peft_model.active_adapter]
+    parts = {
+        "config": model.config.to_dict(), "budget": budget, "precision": model.precision, "task": model.task,
+        "checkpointing": gradient_checkpointing, "lora": {"r": lora.r, "targets": sorted(lora.target_modules)},
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "python": platform.python_version(), "device": device,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CompileCache:
+    """The mega-cache file of one key: load() before compiling, save() after the first compiled step."""
+
+    def __init__(self, key: str, root: Path | None = None) -> None:
+        self.folder = (root or cache_root() / "compile") / key
+
+    @property
+    def path(self) -> Path:
+        return self.folder / ARTIFACTS
+
+    def load(self) -> bool:
+        """True when artifacts were found and handed to torch (the next compile reuses them)."""
+        if not self.path.is_file():
+            return False
+        torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        return True
+
+    def save(self) -> dict[str, Any] | None:
+        """Write what this process compiled so far (atomically); returns {"bytes": n} or None when empty."""
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return None
+        blob, _info = saved
+        if not blob:
+            return None
+        with atomic_dir(self.folder) as tmp:
+            (tmp / ARTIFACTS).write_bytes(blob)
+        return {"bytes": len(blob)}

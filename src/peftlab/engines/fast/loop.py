@@ -1,0 +1,133 @@
+"""The fast engine's training loop: packed micro-batches in, optimizer steps out, nothing else.
+
+Same optimizer and schedule as the hf engine (the Trainer): AdamW over the trainable (LoRA + head) parameters,
+weight decay except on biases and norms (the Trainer's own rule), transformers' get_scheduler with the same
+warmup, max_grad_norm clipping. Losses and grad norms stay on the device until a logging step: no host sync per
+step, so the host can run ahead of the GPU. The run folder, guard, progress and checkpoints belong to the
+caller's skeleton, reached through `StepHooks`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from peftlab.engines.fast.model import FastModel
+from peftlab.engines.fast.packing import PackedBatch
+
+
+class StepHooks(Protocol):
+    """What the loop calls; the skeleton's monitor/guard/checkpointer satisfy it."""
+
+    def on_micro_batch(self, batch: PackedBatch) -> None:
+        """Every micro-batch the loop consumes (host-side counts only: tokens, documents, trained)."""
+
+    def on_log(self, record: dict[str, float]) -> None:
+        """At each logging step: {"step", "loss" (mean over the steps since the last log), "grad_norm" (before
+        clipping, of the last step), "learning_rate" (for the next step)} -- the Trainer's log fields."""
+
+    def on_step_end(self, step: int) -> bool:
+        """After optimizer step `step` (1-based); checkpoint here if wanted. Return True to stop the loop."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The recipe's optimizer settings (config.TrainConfig fields), with warmup resolved to steps."""
+
+    lr: float
+    weight_decay: float
+    scheduler: str
+    warmup_steps: int
+    max_grad_norm: float
+    total_steps: int
+    logging_steps: int
+
+    @classmethod
+    def from_train_config(cls, train: Any, total_steps: int) -> LoopSettings:
+        """train: config.TrainConfig. Warmup as TrainingArguments.get_warmup_steps: warmup_steps when set,
+        else ceil(total_steps * warmup_ratio)."""
+        warmup = train.warmup_steps if train.warmup_steps is not None else math.ceil(total_steps * train.warmup_ratio)
+        return cls(train.lr, train.weight_decay, train.scheduler, warmup, train.max_grad_norm, total_steps,
+                   train.logging_steps)
+
+
+@dataclass
+class LoopResult:
+    steps: int  # optimizer steps done, in all (including those before a resume)
+    stopped: bool  # a hook asked to stop
+    mean_loss: float | None  # mean step loss of this session (one host sync, at the end)
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups as Trainer.create_optimizer makes them: decay, and no decay for biases and norms."""
+    # Trainer.get_decay_parameter_names' name patterns (its LayerNorm-type rule adds nothing: LoRA trains none)
+    no_decay = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+    decay = [p for n, p in named if not no_decay.search(n)]
+    rest = [p for n, p in named if no_decay.search(n)]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
+class FastLoop:
+    """Optimizer + schedule over a FastModel's trainable parameters, and the loop that steps them."""
+
+    def __init__(self, model: FastModel, settings: LoopSettings) -> None:
+        from transformers import get_scheduler
+
+        self.model, self.settings = model, settings
+        named = model.trainable_parameters()
+        self.params = [p for _, p in named]
+        fused = model.device.type == "cuda"  # one kernel for all LoRA tensors instead of a few per tensor
+        self.optimizer = torch.optim.AdamW(param_groups(named, settings.weight_decay), lr=settings.lr, fused=fused)
+        self.scheduler = get_scheduler(settings.scheduler, self.optimizer, num_warmup_steps=settings.warmup_steps,
+                                       num_training_steps=settings.total_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def step(self, micro_batches: Sequence[PackedBatch], hooks: StepHooks) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the packed micro-batches of one recipe step -> (loss, grad norm), on device."""
+        device = self.model.device
+        loss = torch.zeros((), device=device)
+        for batch in micro_batches:
+            hooks.on_micro_batch(batch)
+            micro = self.model.loss(batch.to(device, non_blocking=True))
+            micro.backward()
+            loss += micro.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def run(self, steps: Iterable[Sequence[PackedBatch]], hooks: StepHooks, start_step: int = 0) -> LoopResult:
+        """Run optimizer steps start_step+1, ... over `steps` (each: the packed micro-batches of one recipe step)
+        until they end, total_steps is reached, or a hook stops it."""
+        self.model.peft_model.train()
+        device = self.model.device
+        since_log, total = torch.zeros((), device=device), torch.zeros((), device=device)
+        step, done, last_log = start_step, 0, start_step
+        for micro_batches in steps:
+            if step >= self.settings.total_steps:
+                break
+            loss, grad_norm = self.step(micro_batches, hooks)
+            step, done = step + 1, done + 1
+            since_log += loss
+            total += loss
+            if step % self.settings.logging_steps == 0:
+                hooks.on_log({"step": step, "loss": since_log.item() / (step - last_log), "grad_norm": grad_norm.item(),
+                              "learning_rate": self.scheduler.get_last_lr()[0]})
+                since_log.zero_()
+                last_log = step
+            if hooks.on_step_end(step):
+                return LoopResult(step, True, total.item() / done)
+        return LoopResult(step, False, total.item() / done if done else None)

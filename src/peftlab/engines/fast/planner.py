@@ -1,0 +1,146 @@
+"""The planner: the token budget per micro-batch and whether to checkpoint activations, from measurement.
+
+Two measurements decide:
+  * padding, on the host (cheap): the recipe's optimizer steps (a sample of them) packed at each candidate budget
+    give the rows per step and the padded share; a budget far above a step's tokens is wasted work, one below it
+    splits the step into more rows (more launches, less work per kernel);
+  * memory, on the device: a trial forward+backward of a full row (documents of max_length: the worst case),
+    read from torch.cuda.max_memory_allocated, with the model as it will train (compiled: the first trial is
+    then the run's own compile).
+Rule: candidates in order of cost (padded tokens per step, each row counted ROW_OVERHEAD_TOKENS more for its
+fixed cost), without activation checkpointing first (it costs a third more compute); the first whose trial fits
+the cap (train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU
+there is no memory to measure: the cheapest budget, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from peftlab.engines.fast.attention import BLOCK_SIZE
+from peftlab.engines.fast.model import FastModel
+from peftlab.engines.fast.packing import Task, pack_step
+
+GIB = 1024**3
+# A row's fixed cost (launches, optimizer-independent work) in token-equivalents: an assumption, not a
+# measurement; it only tips the choice between budgets with similar padding toward fewer, larger rows.
+ROW_OVERHEAD_TOKENS = 1024
+DEVICE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Candidate:
+    budget: int
+    rows_per_step: float
+    padding_fraction: float
+    peak_gib: float | None  # trial step peak (None: not measured)
+    checkpointing: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the planner chose and why; `as_dict` goes to the run summary, `describe` to doctor and the console."""
+
+    budget: int
+    gradient_checkpointing: bool
+    peak_gib: float | None  # the trial step's peak at this budget (None: not measured)
+    limit_gib: float | None
+    rows_per_step: float
+    padding_fraction: float
+    measured_memory: bool
+    candidates: tuple[Candidate, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.peak_gib is None:
+            memory = "memory not measured (no CUDA device)"
+        else:
+            memory = f"trial peak {self.peak_gib:.1f} GiB" + (f" under the {self.limit_gib:.1f} GiB cap"
+                                                              if self.limit_gib else "")
+        return (f"fast engine plan: {self.budget} tokens per micro-batch, {self.rows_per_step:.2f} rows per optimizer "
+                f"step, {100 * self.padding_fraction:.1f}% padding, activation checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}; {memory}")
+
+
+def candidate_budgets(max_length: int, step_tokens_max: int, largest: int = 65536) -> list[int]:
+    """Powers of two from the smallest budget that holds the longest row (a multiple of the flex block) up to
+    the largest step (more is only padding) or `largest`."""
+    smallest = BLOCK_SIZE * math.ceil(max_length / BLOCK_SIZE)
+    top = max(smallest, min(largest, 2 ** math.ceil(math.log2(max(step_tokens_max, 1)))))
+    budgets, b = [smallest], 2 ** math.ceil(math.log2(smallest))
+    while b <= top:
+        if b > smallest:
+            budgets.append(b)
+        b *= 2
+    return budgets
+
+
+def padding_cost(steps: Sequence[Sequence[Mapping[str, Any]]], budget: int, task: Task,
+                 batch_size: int) -> tuple[float, float]:
+    """(rows per step, padded share of the rows) of the sample `steps` packed at `budget` (host only)."""
+    rows = tokens = 0
+    for step in steps:
+        packed = pack_step(step, budget, task, batch_size)
+        rows += len(packed)
+        tokens += sum(b.tokens for b in packed)
+    return rows / len(steps), 1.0 - tokens / (rows * budget)
+
+
+def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: int, max_length: int,
+         trial_peak_gib: Callable[[int, bool], float] | None = None, memory_limit_gib: float | None = None,
+         device_gib: float | None = None) -> Plan:
+    """Choose the budget and checkpointing (rule in the module docstring).
+
+    steps: a sample of the recipe's optimizer steps (rows as the task makes them); trial_peak_gib(budget,
+    checkpointing) -> peak GiB of one trial step, None on the CPU; memory_limit_gib: train.memory_limit_gib;
+    device_gib: the device's memory. Errors: ValueError when even the smallest budget with checkpointing
+    exceeds the cap (the message gives the measured peak).
+    """
+    step_tokens_max = max(sum(len(r["input_ids"]) for r in step) for step in steps)
+    limit = memory_limit_gib or (DEVICE_FRACTION * device_gib if device_gib else None)
+    costs = {b: padding_cost(steps, b, task, batch_size) for b in candidate_budgets(max_length, step_tokens_max)}
+    cheapest_first = sorted(costs, key=lambda b: costs[b][0] * (b + ROW_OVERHEAD_TOKENS))
+    candidates: list[Candidate] = []
+    for checkpointing in (False, True):  # checkpointing only when no plain step fits
+        for budget in cheapest_first:
+            peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib else None
+            candidates.append(Candidate(budget, *costs[budget], peak, checkpointing))
+            if peak is None or limit is None or peak <= limit:
+                best = candidates[-1]
+                return Plan(best.budget, checkpointing, peak, limit, best.rows_per_step, best.padding_fraction,
+                            trial_peak_gib is not None, tuple(candidates))
+    smallest = min(candidates, key=lambda c: c.peak_gib)
+    raise ValueError(f"train.memory_limit_gib: even {smallest.budget} tokens per micro-batch with activation "
+                     f"checkpointing peaks at {smallest.peak_gib:.1f} GiB > {limit:.1f} GiB")
+
+
+def trial_peak_gib(model: FastModel, task: Task, max_length: int) -> Callable[[int, bool], float]:
+    """The device measurement for `plan`: peak GiB of one forward+backward of a full row of `budget` tokens
+    (documents of max_length tokens, the worst case), with activation checkpointing on or off. CUDA only."""
+
+    def measure(budget: int, checkpointing: bool) -> float:
+        lengths = [max_length] * (budget // max_length) + ([budget % max_length] if budget % max_length else [])
+        rows = [{"input_ids": [1] * n, "labels": [1] * n if task == "sft" else 0} for n in lengths]
+        (batch,) = pack_step(rows, budget, task, batch_size=len(rows))
+        model.set_checkpointing(checkpointing)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            model.loss(batch.to(model.device)).backward()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / GIB
+        except torch.OutOfMemoryError:
+            return float("inf")
+        finally:
+            model.peft_model.zero_grad(set_to_none=True)
+            model.set_checkpointing(False)
+
+    return measure

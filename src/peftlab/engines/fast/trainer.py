@@ -1,0 +1,181 @@
+"""One call that trains a task's peft model with the fast engine: plan, compile, loop, and say what happened.
+
+This is the surface the engine seam calls (FastTrainer(...).fit(...)); the skeleton keeps the run folder,
+monitor, guard and checkpoints and reaches the loop through StepHooks. Compilation and the mask builder's
+compile are CUDA-only: the CPU (tests, laptops) runs the same math eagerly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from peftlab.engines.fast.attention import attention_dropout_note
+from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core
+from peftlab.engines.fast.flops import mfu, model_flops
+from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks
+from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
+from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
+from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
+
+PLAN_SAMPLE_STEPS = 64
+GIB = 1024**3
+
+
+def unsupported(model_type: str, task: str, precision: str, method: str) -> str | None:
+    """Why the fast engine cannot run this combination (None: it can); `auto` falls back to hf on a reason."""
+    if task not in ("sft", "classify"):
+        return f"task {task} (the fast engine runs decoder-LM tasks: sft, classify)"
+    if model_type not in SUPPORTED_FAMILIES:
+        return f"model family {model_type} (supported: {', '.join(SUPPORTED_FAMILIES)})"
+    if precision not in ("bf16", "fp32"):
+        return f"precision {precision} (bf16 or fp32; fp16 needs a grad scaler)"
+    if method != "lora":
+        return f"method {method} (QLoRA on the fast engine is not built yet)"
+    return None
+
+
+@dataclass
+class FastReport:
+    """Summary fields of a fast-engine session (units in the names)."""
+
+    plan: Plan
+    steps: int
+    stopped: bool
+    mean_loss: float | None
+    train_s: float
+    first_step_s: float | None  # includes compilation (and a warm compile cache's loading)
+    compile_cache_hit: bool
+    tokens: int
+    model_flops: float  # of the whole session
+    steady_flops: float  # after the first step (compilation excluded), over steady_s seconds
+    steady_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_summary(self) -> dict[str, Any]:
+        return {"engine": "fast", "plan": self.plan.as_dict(), "plan_text": self.plan.describe(),
+                "first_step_s": self.first_step_s, "compile_cache_hit": self.compile_cache_hit,
+                "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if self.steady_s > 0 and torch.cuda.is_available()
+                else None,
+                "engine_notes": self.notes}
+
+
+class _Counting:
+    """StepHooks wrapper: counts tokens and FLOPs, times the first step, then passes everything on."""
+
+    def __init__(self, inner: StepHooks) -> None:
+        self.inner, self.tokens, self.sum_sq, self.first_step_s = inner, 0, 0, None
+        self.after_first = (0, 0)  # (tokens, sum_sq) at the end of the first step
+        self.started = time.perf_counter()
+
+    def on_micro_batch(self, batch: PackedBatch) -> None:
+        self.tokens += batch.tokens
+        self.sum_sq += batch.sum_sq
+        self.inner.on_micro_batch(batch)
+
+    def on_log(self, record: dict[str, float]) -> None:
+        self.inner.on_log(record)
+
+    def on_step_end(self, step: int) -> bool:
+        if self.first_step_s is None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.first_step_s = time.perf_counter() - self.started
+            self.after_first = (self.tokens, self.sum_sq)
+        return self.inner.on_step_end(step)
+
+
+class FastTrainer:
+    """The fast engine for one run.
+
+    peft_model: the task's PeftModel (LoRA injected; classify: with its trained score head). task: "sft" |
+    "classify". train: config.TrainConfig (batch_size, grad_accum, epochs, max_steps, lr, scheduler, warmup,
+    weight_decay, max_grad_norm, logging_steps, and memory_limit_gib when the config has it). precision: "bf16" |
+    "fp32". max_length: data.max_length (the longest row). pad_token_id: classify's pooling rule.
+    """
+
+    def __init__(self, peft_model: Any, task: Task, train: Any, precision: str, max_length: int,
+                 pad_token_id: int | None = None) -> None:
+        cuda = torch.cuda.is_available()
+        builder = None
+        if cuda:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            builder = torch.compile(create_block_mask, dynamic=False)  # mask building is many small launches
+        self.model = FastModel(peft_model, task, precision, mask_builder=builder)
+        self.train, self.task, self.max_length, self.pad_token_id = train, task, max_length, pad_token_id
+        self.loop: FastLoop | None = None
+        self.cache: CompileCache | None = None
+
+    def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
+        rows = step_rows(dataset, self.train.batch_size, self.train.grad_accum, seed)
+        return itertools.islice(rows, skip, None)
+
+    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
+        """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
+        sample = list(itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS))
+        return plan(sample, self.task, self.train.batch_size, self.max_length,
+                    trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
+                    getattr(self.train, "memory_limit_gib", None),
+                    torch.cuda.get_device_properties(0).total_memory / GIB if measure else None)
+
+    def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
+        """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
+        the CE core; returns whether the cache had artifacts. The planner's first trial is then the compile."""
+        preferred = self.plan(dataset, seed, measure=False).budget
+        self.cache = CompileCache(cache_key(self.model, preferred, False))
+        hit = self.cache.load()
+        compile_layers(self.model)
+        compile_loss_core(self.model)
+        return hit
+
+    def fit(self, dataset: Sequence[Mapping[str, Any]], seed: int, hooks: StepHooks,
+            resume: dict[str, Any] | None = None) -> FastReport:
+        """Train over `dataset` (rows as the task makes them) until total_steps or a hook stops; `resume`: a
+        state_dict() saved at a checkpoint (continues step-exactly: same data order, optimizer, schedule, RNG)."""
+        cuda = torch.cuda.is_available()
+        hit = self.compile(dataset, seed) if cuda else False
+        chosen = self.plan(dataset, seed, measure=cuda)
+        self.model.set_checkpointing(chosen.gradient_checkpointing)
+        t = self.train
+        settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size, t.grad_accum, t.epochs,
+                                                                 t.max_steps))
+        self.loop = FastLoop(self.model, settings)
+        start = 0
+        if resume:
+            self.loop.load_state_dict(resume["loop"])
+            torch.set_rng_state(resume["rng"])
+            if resume.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            start = resume["step"]
+        counting = _Counting(hooks)
+        steps = packed_steps(self._steps(dataset, seed, start), chosen.budget, self.task, t.batch_size,
+                             self.pad_token_id)
+        began = time.perf_counter()
+        try:
+            result = self.loop.run(steps, counting, start_step=start)
+        finally:
+            self.model.restore_attention()
+        train_s = time.perf_counter() - began
+        if cuda:
+            self.cache.save()
+        def flops(tokens: int, sum_sq: int) -> float:
+            return model_flops(self.model.config, tokens, sum_sq, chosen.gradient_checkpointing, self.task == "sft")
+
+        steady_tokens, steady_sq = counting.tokens - counting.after_first[0], counting.sum_sq - counting.after_first[1]
+        notes = [n for n in (attention_dropout_note(self.model.config),) if n]
+        return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s, counting.first_step_s,
+                          hit, counting.tokens, flops(counting.tokens, counting.sum_sq),
+                          flops(steady_tokens, steady_sq), train_s - (counting.first_step_s or 0.0), notes)
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft)."""
+        if self.loop is None:
+            raise RuntimeError("state_dict() is for checkpoints taken during fit()")
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return {"loop": self.loop.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "step": step}

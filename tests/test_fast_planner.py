@@ -1,0 +1,118 @@
+"""Fast engine planner and compile plumbing: budgets from padding and measured memory; regional compile keeps
+the step's values; the compile cache key and files."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from peftlab.engines.fast import FastModel, pack_step
+from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers
+from peftlab.engines.fast.planner import candidate_budgets, plan
+
+
+def steps_of(lengths_per_step):
+    return [[{"input_ids": [5] * n, "labels": [5] * n} for n in lengths] for lengths in lengths_per_step]
+
+
+def test_candidate_budgets_hold_the_longest_row_and_stop_at_the_largest_step():
+    assert candidate_budgets(768, 1500) == [768, 1024, 2048]
+    assert candidate_budgets(100, 50) == [128]
+
+
+def test_plan_without_a_device_minimises_padding_and_rows():
+    steps = steps_of([[700, 300, 200, 100]] * 4)  # 1,300 tokens per step
+    chosen = plan(steps, "sft", batch_size=4, max_length=768)
+    assert chosen.budget == 2048 and chosen.rows_per_step == 1 and not chosen.measured_memory
+    assert not chosen.gradient_checkpointing and "not measured" in chosen.describe()
+
+
+def test_plan_respects_the_memory_cap_and_checkpoints_only_when_needed():
+    steps = steps_of([[700] * 8] * 2)  # 5,600 tokens per step
+    peak = {False: 2.0, True: 0.8}  # GiB per 1k tokens, without and with activation checkpointing
+
+    def trial(budget, checkpointing):
+        return peak[checkpointing] * budget / 1024
+
+    free = plan(steps, "sft", 1, 768, trial)
+    assert free.budget == 8192 and not free.gradient_checkpointing  # no cap: one row per step
+    capped = plan(steps, "sft", 1, 768, trial, memory_limit_gib=5.0)
+    assert capped.budget == 2048 and not capped.gradient_checkpointing and capped.peak_gib <= 5.0
+    tight = plan(steps, "sft", 1, 768, trial, memory_limit_gib=1.0)
+    assert tight.budget == 768 and tight.gradient_checkpointing and tight.peak_gib <= 1.0
+    assert "trial peak 4.0 GiB under the 5.0 GiB cap" in capped.describe()
+    assert [c.budget for c in capped.candidates] == [8192, 4096, 2048]  # cheapest first, until one fits
+    with pytest.raises(ValueError, match="memory_limit_gib"):
+        plan(steps, "sft", 1, 768, trial, memory_limit_gib=0.1)
+
+
+def test_trials_stop_at_the_cheapest_budget_that_fits():
+    """Usually one trial runs: the cheapest budget by padding, which is then the run's first compiled step."""
+    steps = steps_of([[500, 500]] * 9 + [[700] * 6])  # mostly 1k-token steps, one of 4.2k
+    trials = []
+
+    def trial(budget, checkpointing):
+        trials.append((budget, checkpointing))
+        return budget / 1024
+
+    chosen = plan(steps, "sft", 1, 768, trial, memory_limit_gib=40.0)
+    assert trials == [(1024, False)] and chosen.budget == 1024 and chosen.peak_gib == 1.0
+
+
+def tiny_fast_model():
+    from peftlab.config import LoraSettings, ModelConfig
+    from peftlab.models import adapt, loader
+
+    model = loader.load_causal_lm(ModelConfig(source="preset:tiny-gemma2"), torch.float32, "eager")
+    return FastModel(adapt.apply_lora(model, LoraSettings(dropout=0.0)), "sft")
+
+
+def test_regional_compile_gives_the_eager_loss_and_gradients():
+    """The CPU check uses the aot_eager backend (the graph capture and autograd of compile, without a C++
+    toolchain); inductor on the GPU is the bench's business."""
+    fast = tiny_fast_model()
+    rows = steps_of([[30, 20, 40]])[0]
+    (batch,) = pack_step(rows, 128, "sft", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = fast.loss(batch)
+        eager.backward()
+        want = [p.grad.clone() for _, p in fast.trainable_parameters()]
+        fast.peft_model.zero_grad(set_to_none=True)
+        assert compile_layers(fast, backend="aot_eager") == fast.config.num_hidden_layers
+        compiled = fast.loss(batch)
+        compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+    for (_, p), g in zip(fast.trainable_parameters(), want, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_cache_key_follows_shapes_and_the_cache_round_trips(tmp_path, monkeypatch):
+    fast = tiny_fast_model()
+    key = cache_key(fast, 1024, False)
+    assert key == cache_key(fast, 1024, False)
+    assert len({key, cache_key(fast, 2048, False), cache_key(fast, 1024, True)}) == 3
+    cache = CompileCache(key, root=tmp_path)
+    assert not cache.load()  # nothing yet
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled kernels", None))
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    assert cache.save() == {"bytes": 16}
+    assert cache.load() and loaded == [b"compiled kernels"]
+
+
+def test_model_flops_is_the_reference_formula():
+    """bench-hf's sft_gemma2.model_flops for gemma-2-2b, written out: 26 layers of q,k,v,o + 3 MLP maps."""
+    from peftlab.config import ModelConfig
+    from peftlab.engines.fast.flops import model_flops
+    from peftlab.models.loader import load_model_config
+
+    config = load_model_config(ModelConfig(source="preset:gemma-2-2b"))
+    n_layers = 26 * (2304 * 2048 + 2 * 2304 * 1024 + 2048 * 2304 + 3 * 2304 * 9216)
+    n_head = 256000 * 2304
+    assert model_flops(config, 1000, 50_000, False) == (4 * n_layers + 4 * n_head) * 1000 + 12 * 26 * 2048 * 50_000
+    assert model_flops(config, 1000, 50_000, True) == (6 * n_layers + 4 * n_head) * 1000 + 16 * 26 * 2048 * 50_000
+    gpt2 = load_model_config(ModelConfig(source="preset:dialogpt-medium"))
+    assert model_flops(gpt2, 10, 0, False, lm_head=False) == 4 * 24 * 12 * 1024 * 1024 * 10

@@ -1,0 +1,99 @@
+"""FastTrainer, the engine's one-call surface: it trains a task's model through the skeleton's hooks, reports its
+plan, and resumes step-exactly (same data order, optimizer, schedule and dropout RNG) from a checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from peftlab.engines.fast.trainer import FastTrainer, unsupported
+from peftlab.tasks import sft
+
+
+class Hooks:
+    """StepHooks that log every step, and keep a checkpoint (adapter weights + engine state) at `save_at`."""
+
+    def __init__(self, trainer: FastTrainer, save_at: int | None = None) -> None:
+        self.trainer, self.save_at = trainer, save_at
+        self.losses: dict[int, float] = {}
+        self.micro_batches = 0
+        self.checkpoint = None
+
+    def on_micro_batch(self, batch) -> None:
+        self.micro_batches += 1
+
+    def on_log(self, record) -> None:
+        self.losses[record["step"]] = record["loss"]
+
+    def on_step_end(self, step: int) -> bool:
+        if step == self.save_at:
+            weights = {n: p.detach().clone() for n, p in self.trainer.model.trainable_parameters()}
+            self.checkpoint = (weights, copy.deepcopy(self.trainer.state_dict(step)))
+            return True  # an interrupt right after the checkpoint
+        return False
+
+
+def setup_for(tiny_recipe):
+    recipe = tiny_recipe({"data.max_samples": 60, "data.eval_fraction": 0.0, "data.max_length": 64,
+                          "train.max_steps": 4, "train.logging_steps": 1, "train.batch_size": 2,
+                          "train.grad_accum": 2})  # LoRA dropout stays on (0.05): resume must restore the RNG
+    setup = sft.build(recipe)
+    return recipe, setup, FastTrainer(setup.model, "sft", recipe.train, "fp32", recipe.data.max_length)
+
+
+def fit(trainer, setup, recipe, hooks, resume=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer.fit(setup.data.train, recipe.seed, hooks, resume)
+
+
+def test_fit_trains_through_the_hooks_and_reports_its_plan(tiny_recipe):
+    recipe, setup, trainer = setup_for(tiny_recipe)
+    before = {n: p.detach().clone() for n, p in trainer.model.trainable_parameters()}
+    hooks = Hooks(trainer)
+    report = fit(trainer, setup, recipe, hooks)
+    assert report.steps == 4 and not report.stopped and sorted(hooks.losses) == [1, 2, 3, 4]
+    assert report.plan.budget >= recipe.data.max_length and hooks.micro_batches >= 4
+    assert report.tokens > 0 and report.first_step_s is not None
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.trainable_parameters())
+    assert setup.model.config._attn_implementation == "eager"  # the model's own attention is given back
+    assert "tokens per micro-batch" in report.as_summary()["plan_text"]
+
+
+def test_resume_is_step_exact(tiny_recipe):
+    recipe, setup, trainer = setup_for(tiny_recipe)
+    straight = Hooks(trainer)
+    initial = {n: p.detach().clone() for n, p in trainer.model.trainable_parameters()}
+    torch.manual_seed(7)
+    fit(trainer, setup, recipe, straight)
+
+    with torch.no_grad():  # the same starting point again, interrupted after step 2
+        for n, p in trainer.model.trainable_parameters():
+            p.copy_(initial[n])
+    trainer = FastTrainer(setup.model, "sft", recipe.train, "fp32", recipe.data.max_length)
+    interrupted = Hooks(trainer, save_at=2)
+    torch.manual_seed(7)
+    report = fit(trainer, setup, recipe, interrupted)
+    assert report.stopped and report.steps == 2
+
+    weights, state = interrupted.checkpoint
+    with torch.no_grad():
+        for n, p in trainer.model.trainable_parameters():
+            p.copy_(weights[n])
+    torch.manual_seed(12345)  # whatever the RNG is now, the checkpoint's is restored
+    trainer = FastTrainer(setup.model, "sft", recipe.train, "fp32", recipe.data.max_length)
+    resumed = Hooks(trainer)
+    report = fit(trainer, setup, recipe, resumed, resume=state)
+    assert report.steps == 4 and sorted(resumed.losses) == [3, 4]
+    assert [resumed.losses[s] for s in (3, 4)] == [straight.losses[s] for s in (3, 4)]
+    assert [interrupted.losses[s] for s in (1, 2)] == [straight.losses[s] for s in (1, 2)]
+
+
+def test_unsupported_says_why():
+    assert unsupported("gemma2", "sft", "bf16", "lora") is None
+    assert "diffusion" in unsupported("gemma2", "diffusion", "bf16", "lora")
+    assert "llama" in unsupported("llama", "sft", "bf16", "lora")
+    assert "fp16" in unsupported("gpt2", "classify", "fp16", "lora")
+    assert "QLoRA" in unsupported("gpt2", "classify", "bf16", "qlora")
