@@ -5,6 +5,7 @@ formats are detected or forced, the template is named, the doctor marks the trai
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -195,11 +196,11 @@ def bad(cases: dict[str, tuple[list[dict], dict, tuple[str, ...]]]):
 
 @bad({
     "unknown role": ([{"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}], {},
-                     ("column 'messages' row 0 message 0: unknown role 'human'", "data.format=sharegpt", "fix:")),
+                     ("column 'messages' row 1 message 0: unknown role 'human'", "data.format=sharegpt", "fix:")),
     "no assistant turn": ([{"messages": [{"role": "user", "content": "Hi"}]}], {},
-                          ("row 0", "has no assistant turn", "fix: add the assistant's answer")),
+                          ("row 1", "has no assistant turn", "fix: add the assistant's answer")),
     "sharegpt from": ([{"conversations": [{"from": "bot", "value": "Hi"}]}], {},
-                      ("column 'conversations' row 0 message 0: unknown 'from' value 'bot'", "human, gpt", "fix:")),
+                      ("column 'conversations' row 1 message 0: unknown 'from' value 'bot'", "human, gpt", "fix:")),
     "sharegpt no gpt turn": ([{"conversations": [{"from": "human", "value": "Hi"}]}], {},
                              ("has no gpt turn", "fix:")),
     "mixed columns": ([{"messages": [{"role": "user", "content": "Hi"}]}, {"prompt": "Q", "completion": "A"}], {},
@@ -207,11 +208,11 @@ def bad(cases: dict[str, tuple[list[dict], dict, tuple[str, ...]]]):
                        "prompt_completion (columns prompt, completion)", "fix: keep one format per file")),
     "mixed rows forced": ([{"messages": [{"role": "assistant", "content": "Hi"}]}, {"prompt": "Q", "completion": "A"}],
                           {"data.format": "messages"}, ("column 'messages' row", "holds nothing", "fix:")),
-    "messages as text": ([{"messages": "hello"}], {}, ("row 0: holds str, not a list of messages", "fix:")),
+    "messages as text": ([{"messages": "hello"}], {}, ("row 1: holds str, not a list of messages", "fix:")),
     "role keys missing": ([{"messages": [{"from": "human", "value": "Hi"}]}], {},
                           ("no 'role' (found: from, value)", "data.format=sharegpt")),
     "prompt text, completion list": ([{"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}], {},
-                                     ("column 'prompt' row 0: prompt is str, completion is list", "fix: both text")),
+                                     ("column 'prompt' row 1: prompt is str, completion is list", "fix: both text")),
     "every answer empty": ([{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}], {},
                            ("every assistant turn is empty", "fix:")),
     "empty file": ([], {"data.format": "messages"}, ("holds no rows", "fix:")),
@@ -233,7 +234,7 @@ def test_a_row_the_chat_template_refuses_is_named(tokenizer, data_cfg, tmp_path)
     rows = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
             {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                           {"role": "assistant", "content": "A"}]}]
-    with pytest.raises(PeftlabError, match=r"row \d: the chat template refused it \(System role not supported\)"):
+    with pytest.raises(PeftlabError, match=r"row 2: the chat template refused it \(System role not supported\)"):
         build_sft_data(data_cfg(write_jsonl(tmp_path / "g.jsonl", rows)), tokenizer, seed=0)
 
 
@@ -243,3 +244,79 @@ def test_a_template_without_markers_that_trl_cannot_patch_is_refused(tokenizer, 
     cfg = data_cfg(write_jsonl(tmp_path / "m.jsonl", messages_rows()), chat_template=str(template))
     with pytest.raises(PeftlabError, match=r"no \{% generation %\} markers.*fix: data.chat_template=PATH.jinja"):
         build_sft_data(cfg, tokenizer, seed=0)
+
+
+# ---------------------------------------------------------------- training on the tiny twin
+
+
+PLAIN_ROWS = [{"prompt": f"Question: what is {a} plus {a}?\nAnswer:", "completion": f" {2 * a}."} for a in range(1, 5)]
+
+
+def expected_plain(tokenizer, row: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    full = tokenizer(row["prompt"] + row["completion"] + EOS)["input_ids"]
+    return tuple(full), tuple([IGNORE_INDEX] * len(prompt) + full[len(prompt):])
+
+
+@pytest.mark.parametrize("name", ["messages", "sharegpt", "prompt_completion"])
+def test_each_format_trains_on_the_tiny_twin_with_exactly_the_expected_labels(tmp_path, tiny_recipe, tokenizer, name,
+                                                                             monkeypatch, cli):
+    from peftlab.engines.hf import CountingSFTTrainer
+    from peftlab.runner import run_recipe
+    from peftlab.tasks import sft
+
+    rows = {"messages": messages_rows(), "sharegpt": sharegpt_rows(), "prompt_completion": PLAIN_ROWS}[name]
+    expected = ({expected_plain(tokenizer, r) for r in PLAIN_ROWS} if name == "prompt_completion"
+                else {tuple(map(tuple, expected_zephyr(tokenizer, conv))) for conv in CONVERSATIONS})
+    recipe = tiny_recipe({"data.source": write_jsonl(tmp_path / "data.jsonl", rows), "data.eval_fraction": 0.25,
+                          "train.max_steps": 2, "train.logging_steps": 1})
+    consumed = []
+    training_step = CountingSFTTrainer.training_step
+
+    def spy_step(self, model, inputs, num_items_in_batch=None):
+        for ids, labels, mask in zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"], strict=True):
+            n = int(mask.sum())  # padding is on the right
+            consumed.append((tuple(ids[:n].tolist()), tuple(labels[:n].tolist())))
+            assert set(labels[n:].tolist()) <= {IGNORE_INDEX}
+        return training_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(CountingSFTTrainer, "training_step", spy_step)
+    run = run_recipe(recipe, tmp_path / "runs", name, show_progress=False)
+    summary = run.summary()
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert summary["data_format"]["name"] == name and summary["eval_loss"] is not None
+    # 3 train rows (1 of 4 for eval), batch 2: step 1 trains two, step 2 the third; each exactly as expected.
+    assert len(consumed) == len(set(consumed)) == 3 and set(consumed) <= expected
+    chat = name != "prompt_completion"
+    assert summary["data_format"]["prompt_style"] == ("chat" if chat else "text")
+    saved = run.adapter_path / "chat_template.jinja"
+    assert (saved.read_text() == ZEPHYR_TEMPLATE) if chat else not saved.exists()
+    # `peftlab generate` renders the prompt as the run trained (the style the summary records).
+    styles = []
+    monkeypatch.setattr(sft, "generation_prompt_ids", lambda *a: styles.append(a[1]) or generation_prompt_ids(*a))
+    code, lines = cli("generate", str(run.path), "--prompt", "Name a colour.", "--max-new-tokens", "2")
+    assert code == 0 and styles == [summary["data_format"]["prompt_style"]], lines
+
+
+def test_doctor_marks_each_assistant_turn_of_a_conversation(cli, tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"Count to {n}."},
+                          {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))},
+                          {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}]}
+            for n in range(1, 9)]
+    code, lines = cli("doctor", "tiny-gemma2-dolly", "--set", f"data.source={write_jsonl(tmp_path / 'c.jsonl', rows)}")
+    assert code == 0 and lines[-1] == "doctor: healthy", "\n".join(lines)
+    assert "data format: messages (auto: columns messages); template: zephyr" in "\n".join(lines)
+    start = next(i for i, line in enumerate(lines) if line.startswith("example: "))
+    blocks = [line for line in lines[start + 1:] if line.startswith(("  masked  | ", "  TRAINED | "))]
+    # system, user and the role headers masked; each answer with its EOS trained; the newline after it masked
+    assert blocks[0] == "  masked  | <|system|>"
+    assert [b[:11] for b in blocks] == ["  masked  |", "  TRAINED |", "  masked  |", "  TRAINED |", "  masked  |"]
+    assert blocks[3] == f"  TRAINED | Welcome.{EOS}" and blocks[1].endswith(EOS)
+    answer = blocks[1].removeprefix("  TRAINED | ").removesuffix(EOS)
+    trained = int(re.fullmatch(r"example: \d+ prompt tokens masked \(-100\), (\d+) tokens trained", lines[start])[1])
+    assert trained == len(tokenizer_ids(answer + EOS)) + len(tokenizer_ids("Welcome." + EOS))
+    assert re.search(r"label tokens over 8 rows: \d+ trained, \d+ masked", "\n".join(lines))
+
+
+def tokenizer_ids(text: str) -> list[int]:
+    return load_tokenizer(ModelConfig(source="preset:tiny-gemma2"))(text, add_special_tokens=False)["input_ids"]

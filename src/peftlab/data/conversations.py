@@ -23,10 +23,13 @@ summary names it (`data_format.template`).
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from jinja2 import TemplateError
 
 from peftlab.config import DataConfig
 from peftlab.data.instructions import (
@@ -49,6 +52,11 @@ FORMAT_FIELDS = {
     "sharegpt": (("conversations",), ("conversations",)),
     "prompt_completion": (("prompt", "completion"), ("prompt", "completion")),
     "dolly": (FIELDS, FIELDS + OPTIONAL_FIELDS),
+}
+LOSS = {
+    "messages": "the assistant turns + their end-of-turn token (TRL assistant_only_loss)",
+    "sharegpt": "the gpt turns + their end-of-turn token (TRL assistant_only_loss)",
+    "prompt_completion": "the completion (TRL completion_only_loss)",
 }
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -102,23 +110,30 @@ def build_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> tuple[Instruct
     name, detected = detect_format(list(table.column_names), cfg)
     if name == "dolly":
         return _dolly(cfg, tokenizer, seed, detected)
-    required, fields = FORMAT_FIELDS[name]
-    table = map_columns(table, required, (), cfg.columns, cfg.source).shuffle(seed=seed)
-    if cfg.max_samples:
-        table = table.select(range(min(cfg.max_samples, len(table))))
-    rows = normalize_rows(table.to_list(), name, cfg)
-    chat = name != "prompt_completion" or isinstance(rows[0]["prompt"], list)
-    notes: list[str] = []
-    template, train_template = ("none (plain text, as TRL tokenizes prompt/completion strings)", None)
-    if chat:
-        template = apply_chat_template_choice(tokenizer, cfg.chat_template)
-        if name != "prompt_completion":
-            train_template, template, notes = training_template(tokenizer, template)
-    encoded = trl_prepare(rows, tokenizer, name, train_template, cfg)
-    loss = ("the completion (TRL completion_only_loss)" + ("" if chat else " + EOS") if name == "prompt_completion"
-            else "the assistant turns + their end-of-turn token (TRL assistant_only_loss)")
+    # Every row is checked, in file order (errors name the file's row), then shuffled and cut as the dolly rows are.
+    rows = normalize_rows(map_columns(table, FORMAT_FIELDS[name][0], (), cfg.columns, cfg.source).to_list(), name, cfg)
+    picked = rows[:]
+    random.Random(seed).shuffle(picked)
+    picked = picked[: cfg.max_samples] if cfg.max_samples else picked
+    chat = name != "prompt_completion" or isinstance(picked[0]["prompt"], list)
+    template, train_template, notes = _templates(tokenizer, cfg, name, chat)
+    try:
+        encoded = trl_prepare(picked, tokenizer, name, train_template)
+    except (TemplateError, RuntimeError, ValueError) as exc:
+        raise _template_error(rows, tokenizer, train_template, cfg, exc) from None
+    loss = LOSS[name] + ("" if chat else " + EOS")
     fmt = DataFormat(name, detected, template, loss, "chat" if chat else "text")
     return finish_encoded(encoded, cfg, seed), fmt, notes
+
+
+def _templates(tokenizer: Any, cfg: DataConfig, name: str, chat: bool) -> tuple[str, str | None, list[str]]:
+    """(the template's name, the training template or None for the tokenizer's own, notes)."""
+    if not chat:
+        return "none (plain text, as TRL tokenizes prompt/completion strings)", None, []
+    template = apply_chat_template_choice(tokenizer, cfg.chat_template)
+    if name == "prompt_completion":  # the completion mask needs no markers
+        return template, None, []
+    return training_template(tokenizer, template)
 
 
 def _dolly(cfg: DataConfig, tokenizer: Any, seed: int, detected: str) -> tuple[InstructionData, DataFormat, list[str]]:
@@ -169,7 +184,8 @@ def normalize_rows(rows: list[dict[str, Any]], name: str, cfg: DataConfig) -> li
 
 
 def _where(cfg: DataConfig, field: str, index: int) -> str:
-    return f"data.source '{cfg.source}': column '{cfg.columns.get(field, field)}' row {index}"
+    """Rows counted from 1, as the lines of a JSONL file."""
+    return f"data.source '{cfg.source}': column '{cfg.columns.get(field, field)}' row {index + 1}"
 
 
 def _conversation(messages: Any, index: int, field: str, name: str, cfg: DataConfig,
@@ -259,8 +275,8 @@ def zephyr_template(tokenizer: Any, training: bool = False) -> str:
     return ("{{- bos_token }}" if adds_bos else "") + (ZEPHYR_TRAINING_TEMPLATE if training else ZEPHYR_TEMPLATE)
 
 
-def training_template(tokenizer: Any, template: str) -> tuple[str | None, str, list[str]]:
-    """(the template to tokenize with, None = the tokenizer's; its name; notes), as trl's SFTTrainer chooses it
+def training_template(tokenizer: Any, template: str) -> tuple[str, str | None, list[str]]:
+    """(its name; the template to tokenize with, None = the tokenizer's; notes), as trl's SFTTrainer chooses it
     for assistant_only_loss: the tokenizer's when it has {% generation %} markers, else its training variant
     (ours for zephyr, TRL's for the templates TRL knows)."""
     from trl.chat_template_utils import (
@@ -287,14 +303,13 @@ def training_template(tokenizer: Any, template: str) -> tuple[str | None, str, l
     if not is_chat_template_stop_token_trained(tokenizer, chat_template=train_template):
         notes.append("the chat template leaves the assistant's end-of-turn token out of the trained tokens (TRL's "
                      "check): the model may not learn to stop")
-    return train_template, template, notes
+    return template, train_template, notes
 
 
 # ---------------------------------------------------------------- TRL tokenization
 
 
-def trl_prepare(rows: list[dict[str, Any]], tokenizer: Any, name: str, chat_template: str | None,
-                cfg: DataConfig) -> Any:
+def trl_prepare(rows: list[dict[str, Any]], tokenizer: Any, name: str, chat_template: str | None) -> Any:
     """input_ids + labels by trl's own SFTTrainer dataset preparation (chat template, EOS, assistant or
     completion mask -> labels), untruncated.
 
@@ -302,7 +317,6 @@ def trl_prepare(rows: list[dict[str, Any]], tokenizer: Any, name: str, chat_temp
     the data statistics and the guard count the trained tokens before any step. The method is private to trl, so
     trl is pinned (<1.17) and tests/test_conversations.py asserts the exact masks it gives."""
     from datasets import Dataset
-    from jinja2 import TemplateError
     from trl import SFTConfig, SFTTrainer
 
     completion_only = name == "prompt_completion"
@@ -310,23 +324,20 @@ def trl_prepare(rows: list[dict[str, Any]], tokenizer: Any, name: str, chat_temp
                      max_length=None, bf16=False, report_to="none")
     # The three attributes _prepare_dataset reads, as SFTTrainer.__init__ sets them from these arguments.
     trainer = SimpleNamespace(_tokenizer=tokenizer, chat_template=chat_template, completion_only_loss=completion_only)
-    try:
-        encoded = SFTTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, False, None, "train")
-    except (TemplateError, RuntimeError, ValueError) as exc:
-        raise _template_error(rows, tokenizer, chat_template, cfg, exc) from None
+    encoded = SFTTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, False, None, "train")
     return encoded.select_columns(["input_ids", "labels"])
 
 
 def _template_error(rows: list[dict[str, Any]], tokenizer: Any, chat_template: str | None, cfg: DataConfig,
                     exc: Exception) -> PeftlabError:
-    """The first row the chat template refuses (e.g. Gemma's 'roles must alternate'), named."""
+    """The first row of the file the chat template refuses (e.g. Gemma's 'roles must alternate'), named."""
     for i, row in enumerate(rows):
         messages = row.get("messages") or (row["prompt"] + row["completion"] if isinstance(row["prompt"], list) else [])
         try:
             if messages:
                 tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template)
         except Exception as row_exc:  # jinja raises several types; the message is what the user needs
-            return PeftlabError(f"data.source '{cfg.source}': row {i}: the chat template refused it ({row_exc}); "
+            return PeftlabError(f"data.source '{cfg.source}': row {i + 1}: the chat template refused it ({row_exc}); "
                                 "fix: change the row (roles, order) or data.chat_template")
     first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
     return PeftlabError(f"data.source '{cfg.source}': TRL could not tokenize it with the chat template ({first}); "

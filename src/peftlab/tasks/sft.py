@@ -173,8 +173,10 @@ def show_example(tokenizer: Any, example: dict[str, Any]) -> None:
     trained = sum(1 for label in labels if label != IGNORE_INDEX)
     say(f"example: {len(ids) - trained} prompt tokens masked (-100), {trained} tokens trained")
     for is_trained, run in itertools.groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX):
-        text = tokenizer.decode([i for i, _ in run])
-        say(("  TRAINED | " if is_trained else "  masked  | ") + text.replace("\n", "\n          | "))
+        lines = tokenizer.decode([i for i, _ in run]).split("\n")
+        if len(lines) > 1 and not lines[-1]:  # a block that ends a line: no empty continuation line
+            lines.pop()
+        say(("  TRAINED | " if is_trained else "  masked  | ") + "\n          | ".join(lines))
 
 
 def forward_backward(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, bool]:
