@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_bad_input import one_line_error
 
 from peftlab.config import ModelConfig
@@ -320,3 +322,31 @@ def test_doctor_marks_each_assistant_turn_of_a_conversation(cli, tmp_path):
 
 def tokenizer_ids(text: str) -> list[int]:
     return load_tokenizer(ModelConfig(source="preset:tiny-gemma2"))(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- property test
+
+
+role_values = st.sampled_from(["system", "user", "assistant", "human", "gpt", "tool", ""]) | st.text(max_size=5)
+contents = st.none() | st.text(max_size=20) | st.integers() | st.lists(st.text(max_size=3), max_size=2)
+turns = st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]), role_values | contents,
+                                 max_size=3), max_size=4)
+cells = st.none() | turns | st.text(max_size=10)
+conversation_rows = st.lists(st.dictionaries(st.sampled_from(["messages", "conversations", "prompt", "completion"]),
+                                             cells, max_size=2), max_size=5)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(rows=conversation_rows, name=st.sampled_from(["auto", "messages", "sharegpt", "prompt_completion"]))
+def test_random_conversation_files_give_examples_or_one_line(tiny_recipe, tmp_path_factory, rows, name):
+    tokenizer = load_tokenizer(ModelConfig(source="preset:tiny-gemma2"))  # each example sets its own chat template
+    path = tmp_path_factory.mktemp("fuzz") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_recipe({"data.source": str(path), "data.format": name, "data.eval_fraction": 0.0}).data
+    try:
+        data, _, _ = build_sft_data(cfg, tokenizer, seed=0)
+    except PeftlabError as exc:
+        assert "\n" not in str(exc)
+        return
+    for labels in data.train["labels"]:
+        assert len(labels) <= cfg.max_length and any(x != IGNORE_INDEX for x in labels)
