@@ -32,6 +32,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from peftlab.config import DataConfig
+
+# The statistics and the eval split are the dolly format's own, shared so both formats report the same numbers.
 from peftlab.data.instructions import (
     FIELDS,
     IGNORE_INDEX,
