@@ -1,4 +1,4 @@
-"""Task `sft`: instruction tuning of a causal LM; the loss sees the response tokens only.
+"""Task `sft`: instruction or conversation tuning of a causal LM; the loss sees the response / assistant tokens only.
 
 The declaration every command reads; the implementation is tasks/sft.py, imported when a method needs it.
 """
