@@ -132,9 +132,15 @@ class DataConfig(Section):
     source: str = Field("bundled:dolly15k", description="bundled:dolly15k | bundled:banking77 | hub id | .json/.jsonl/.csv/.parquet")
     split: str = "train"
     columns: dict[str, str] = Field(
-        default_factory=dict, description="our field -> your column, e.g. {response: output}"
+        default_factory=dict, description="our field -> your column, e.g. {response: output} or {messages: chat}"
     )
-    template: str = DEFAULT_TEMPLATE
+    format: Literal["auto", "dolly", "messages", "sharegpt", "prompt_completion"] = Field(
+        "auto", description="sft data format; auto = from the columns (data/conversations.py)"
+    )
+    chat_template: str = Field(
+        "auto", description="conversations: auto (the model's, else zephyr) | model | zephyr | path to a .jinja file"
+    )
+    template: str = Field(DEFAULT_TEMPLATE, description="the dolly format's prompt")
     context_block: str = DEFAULT_CONTEXT_BLOCK
     max_length: int = Field(768, gt=0)
     eval_fraction: float = Field(0.01, ge=0.0, lt=1.0)

@@ -1,4 +1,4 @@
-"""Instruction SFT of a causal LM with LoRA/QLoRA (declared in sft_task.py).
+"""SFT of a causal LM with LoRA/QLoRA on instruction or conversation data (declared in sft_task.py).
 
 `build` turns a recipe into a ready model + data; `prepare` / `save` / `finish` are this task's part of
 the training skeleton (training.py), an engine runs the loop (the hf engine: trl's SFTTrainer). The tiny
@@ -7,6 +7,7 @@ CPU twin and the GPU run differ only in the recipe.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -16,14 +17,8 @@ from typing import Any
 import torch
 
 from peftlab.config import Recipe
-from peftlab.data.instructions import (
-    IGNORE_INDEX,
-    InstructionData,
-    adds_bos,
-    build_instruction_data,
-    prompt_ids,
-    render_prompt,
-)
+from peftlab.data.conversations import DataFormat, build_sft_data, generation_prompt_ids
+from peftlab.data.instructions import IGNORE_INDEX, InstructionData, adds_bos
 from peftlab.distributed import shards_weights
 from peftlab.engines import EngineResult, TrainJob
 from peftlab.models import adapt, loader
@@ -52,6 +47,7 @@ class SftSetup:
     context: RunContext
     params: adapt.ParamCount
     notes: list[str] = field(default_factory=list)
+    data_format: DataFormat | None = None
 
 
 def build(recipe: Recipe, data: bool = True) -> SftSetup:
@@ -60,11 +56,13 @@ def build(recipe: Recipe, data: bool = True) -> SftSetup:
     set_seed(recipe.seed)
     context = run_context(recipe)
     tokenizer = loader.load_tokenizer(recipe.model)
-    instruction_data = build_instruction_data(recipe.data, tokenizer, recipe.seed) if data else None
+    # The data sets the chat template on the tokenizer (saved with the adapter) for conversation formats.
+    instruction_data, data_format, data_notes = build_sft_data(recipe.data, tokenizer, recipe.seed) if data else (
+        None, None, [])
     model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
-    notes += loader.tokenizer_notes(recipe.model)
-    return SftSetup(model, tokenizer, instruction_data, context, adapt.count_params(model), notes)
+    notes += loader.tokenizer_notes(recipe.model) + data_notes
+    return SftSetup(model, tokenizer, instruction_data, context, adapt.count_params(model), notes, data_format)
 
 
 def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str) -> tuple[Any, list[str]]:
@@ -87,7 +85,8 @@ def prepare(recipe: Recipe, run: RunDir) -> Prepared:
                                4 if setup.context.precision == "fp32" else 2)
     job = TrainJob(setup.model, setup.tokenizer, setup.data.train, setup.data.eval, "causal_lm", t, recipe.seed,
                    setup.context.precision, run.checkpoints_path, max_length=recipe.data.max_length)
-    summary = dict(data=setup.data.stats.as_dict(), precision=setup.context.precision,
+    summary = dict(data=setup.data.stats.as_dict(), data_format=setup.data_format.as_dict(),
+                   precision=setup.context.precision,
                    attn_implementation=setup.context.attn_implementation, notes=setup.notes,
                    memory_estimate={**asdict(estimate), "total_gib": estimate.total_gib})
     return Prepared(recipe, job, setup, setup.context, summary)
@@ -101,13 +100,14 @@ def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, A
     """Validation loss and perplexity, then the samples."""
     setup = prepared.setup
     metrics = evaluate(result, setup.data)
-    write_samples(run, prepared.recipe, setup.model, setup.tokenizer)
+    write_samples(run, prepared.recipe, setup.model, setup.tokenizer, setup.data_format.prompt_style)
     return metrics
 
 
 def _announce(recipe: Recipe, setup: SftSetup) -> None:
     s = setup.data.stats
     announce(recipe, setup.context, setup.params, setup.notes)
+    say(setup.data_format.line())
     say(f"data: {s.train_rows} train / {s.eval_rows} eval rows, {s.tokens_mean:.0f} tokens mean, "
         f"{100 * s.truncation_rate:.1f}% truncated at {recipe.data.max_length}"
         + (f", {s.dropped_fully_masked} dropped (prompt fills max_length)" if s.dropped_fully_masked else ""))
@@ -121,27 +121,29 @@ def evaluate(result: EngineResult, data: InstructionData) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_tokens: int | None = None) -> str:
-    text = render_prompt({"instruction": prompt, "context": ""}, recipe.data)
-    ids = torch.tensor([prompt_ids(text, tokenizer)], device=model.device)  # as training encoded it: one BOS
+def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_tokens: int | None = None,
+             style: str = "dolly") -> str:
+    """Greedy answer to `prompt` rendered as the run trained (style: dolly | chat | text, DataFormat.prompt_style)."""
+    input_ids = torch.tensor([generation_prompt_ids(prompt, style, tokenizer, recipe.data)], device=model.device)
     model.eval()
     output = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any) -> None:
+def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any, style: str) -> None:
     """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side; by rank 0 only."""
     if not run.writer:
         return
     rows = []
     for prompt in recipe.eval.prompts:
-        row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe)}
+        row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe, style=style)}
         if recipe.eval.compare_base:
             with model.disable_adapter():
-                row["base"] = generate(model, tokenizer, prompt, recipe)
+                row["base"] = generate(model, tokenizer, prompt, recipe, style=style)
         rows.append(row)
     atomic_write_text(run.samples_path / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     lines = ["# Generations", ""]
@@ -182,12 +184,16 @@ def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
 
 
 def show_example(tokenizer: Any, example: dict[str, Any]) -> None:
+    """The example as the model reads it, each run of masked or trained tokens on its own marked block (a
+    conversation alternates: system/user masked, each assistant turn TRAINED)."""
     ids, labels = example["input_ids"], example["labels"]
-    masked = [i for i, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
-    trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
-    say(f"example: {len(masked)} prompt tokens masked (-100), {len(trained)} tokens trained")
-    say("  masked  | " + tokenizer.decode(masked).replace("\n", "\n          | "))
-    say("  TRAINED | " + tokenizer.decode(trained).replace("\n", "\n          | "))
+    trained = sum(1 for label in labels if label != IGNORE_INDEX)
+    say(f"example: {len(ids) - trained} prompt tokens masked (-100), {trained} tokens trained")
+    for is_trained, run in itertools.groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX):
+        lines = tokenizer.decode([i for i, _ in run]).split("\n")
+        if len(lines) > 1 and not lines[-1]:  # a block that ends a line: no empty continuation line
+            lines.pop()
+        say(("  TRAINED | " if is_trained else "  masked  | ") + "\n          | ".join(lines))
 
 
 def forward_backward(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, bool]:
@@ -213,6 +219,7 @@ def doctor(recipe: Recipe) -> list[str]:
     setup = build(recipe)
     c, s = setup.context, setup.data.stats
     announce(recipe, c, setup.params, setup.notes)
+    say(setup.data_format.line())
     show_example(setup.tokenizer, setup.data.train[0])
     up = Checkup()
     say(f"lengths (tokens, after truncation at {recipe.data.max_length}): mean {s.tokens_mean}, median {s.tokens_median}, "

@@ -1,4 +1,4 @@
-"""Task `sft`: instruction tuning of a causal LM; the loss sees the response tokens only.
+"""Task `sft`: instruction or conversation tuning of a causal LM; the loss sees the response / assistant tokens only.
 
 The declaration every command reads; the implementation is tasks/sft.py, imported when a method needs it.
 """
@@ -25,7 +25,8 @@ def _impl() -> ModuleType:
 
 
 class SftTask(Task):
-    columns = ("instruction", "context", "response", "category")
+    # dolly, messages (OpenAI), sharegpt, prompt_completion (TRL): data/conversations.py detects which
+    columns = ("instruction", "context", "response", "category", "messages", "conversations", "prompt", "completion")
     loss_kind = "causal_lm"
     objectives = ("eval_loss",)
     view = TaskView(("steps_per_s", "samples_per_s", "tokens_per_s", "eval_loss", "perplexity"),
@@ -49,8 +50,9 @@ class SftTask(Task):
         """Greedy answers: a `> prompt` line, then the answer."""
         sft = _impl()
         model, tokenizer = sft.load_for_inference(run, recipe)
+        style = run.summary().get("data_format", {}).get("prompt_style", "dolly")  # runs before it were dolly
         return [line for text in prompts
-                for line in (f"> {text}", sft.generate(model, tokenizer, text, recipe, max_new_tokens))]
+                for line in (f"> {text}", sft.generate(model, tokenizer, text, recipe, max_new_tokens, style))]
 
     def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
         return _impl().export(run, recipe, folder)
