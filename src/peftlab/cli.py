@@ -56,18 +56,24 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
           resume: Annotated[str | None, typer.Option(help="continue this run (folder or name) from its last checkpoint")] = None,
           baseline: Annotated[str | None, typer.Option(
               help="then compare with this run, JSON file of metrics, or shipped reference (dialogpt-banking77-original)")] = None,
-          gpus: Annotated[int, typer.Option(min=1, help="data-parallel processes, one per GPU (CPU-only: gloo processes)")] = 1,
-          strategy: Annotated[str, typer.Option(help="with --gpus > 1: ddp | fsdp | zero2 | zero3")] = "ddp") -> None:
+          gpus: Annotated[int, typer.Option(min=1, help="data-parallel processes (per machine), one per GPU (CPU-only: gloo processes)")] = 1,
+          strategy: Annotated[str, typer.Option(help="with --gpus > 1: ddp | fsdp | zero2 | zero3")] = "ddp",
+          nnodes: Annotated[int, typer.Option(help="machines in the run (torchrun --nnodes); run the same command on each")] = 1,
+          node_rank: Annotated[int | None, typer.Option(help="this machine's rank, 0..nnodes-1 (default: assigned at rendezvous)")] = None,
+          rdzv_endpoint: Annotated[str | None, typer.Option(help="with --nnodes > 1: HOST:PORT every machine reaches")] = None,
+          rdzv_id: Annotated[str | None, typer.Option(help="with --nnodes > 1: a job id, the same on every machine")] = None) -> None:
     """Train a recipe into a run folder, or --resume a stopped one. Ctrl-C / SIGTERM save a checkpoint (exit 130)."""
     from peftlab.config import load_recipe
-    from peftlab.distributed import ranks
+    from peftlab.distributed import Nodes, ranks
     from peftlab.runner import default_run_name, resume_run, run_recipe
 
     quiet_libraries()
-    if gpus > 1 and not ranks().distributed:
-        # The ranks must agree on one folder: name it here, once.
+    nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_id)
+    nodes.check()
+    if (gpus > 1 or nnodes > 1) and not ranks().distributed:
+        # The ranks must agree on one folder: name it here, once (across machines, rank 0's name wins).
         run_name = None if (resume or name or not recipe) else default_run_name(load_recipe(recipe, set_))
-        raise typer.Exit(launch(gpus, strategy, run_name))
+        raise typer.Exit(launch(gpus, strategy, run_name, nodes))
     if resume:
         if name or overwrite:
             raise PeftlabError("--resume continues an existing run folder; fix: drop --name/--overwrite")
@@ -83,8 +89,8 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
         show_comparison([run], baseline_source(baseline, runs_dir))
 
 
-def launch(processes: int, strategy: str, run_name: str | None) -> int:
-    """Re-run this command line as `processes` ranks under torchrun; returns its exit code."""
+def launch(processes: int, strategy: str, run_name: str | None, nodes) -> int:
+    """Re-run this command line as `processes` ranks (per machine) under torchrun; returns its exit code."""
     import subprocess
 
     import torch
@@ -95,19 +101,26 @@ def launch(processes: int, strategy: str, run_name: str | None) -> int:
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise PeftlabError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} GPU(s); fix: --gpus <= that")
     if not torch.cuda.is_available():
-        say(f"note: no CUDA GPU: {processes} CPU processes (gloo) instead")
-    argv = without_launch_options(sys.argv[1:]) + (["--name", run_name] if run_name else [])
-    return subprocess.run(launch_command(argv, processes), env=env).returncode
+        if strategy != "ddp":  # accelerate applies FSDP/DeepSpeed only on accelerators: it would silently be DDP
+            raise PeftlabError(f"--strategy {strategy}: needs CUDA GPUs (on CPU processes accelerate would run DDP "
+                               "instead); fix: --strategy ddp")
+        say(f"note: no CUDA GPU: {processes * nodes.nnodes} CPU processes (gloo) instead")
+    argv = without_options(sys.argv[1:], LAUNCH_OPTIONS) + (["--name", run_name] if run_name else [])
+    return subprocess.run(launch_command(argv, processes, nodes), env=env).returncode
 
 
-def without_launch_options(argv: list[str]) -> list[str]:
+LAUNCH_OPTIONS = ("--gpus", "--strategy", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id")
+
+
+def without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without `options` (each with its value, as `--opt V` or `--opt=V`): what the parent consumed."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--gpus", "--strategy"):
+        elif arg in options:
             skip = True
-        elif not arg.startswith(("--gpus=", "--strategy=")):
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
             out.append(arg)
     return out
 

@@ -56,6 +56,7 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
     """Continue run `ref` from its newest complete checkpoint, with the recipe it was started with."""
     from peftlab.reliability import plan_resume
 
+    init_process_group()  # before environment() below initialises CUDA
     plan = plan_resume(ref, runs_dir, recipe)
     summary = plan.run.summary()
     started_with = summary.get("world_size", 1)
