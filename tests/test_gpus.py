@@ -128,3 +128,75 @@ def test_bad_launch_combinations_exit_2_with_one_line_before_launching() -> None
     assert done.returncode == 2 and len(said) == 1 and said[0].startswith("error: --nnodes 2 needs --rdzv-endpoint")
     fsdp = peftlab("train", "tiny-gemma2-dolly", "--gpus", "2", "--strategy", "fsdp")
     assert fsdp.returncode == 2 and "error: --strategy fsdp: needs CUDA GPUs" in fsdp.stdout + fsdp.stderr
+
+
+def test_sweep_on_two_gpus_shares_one_study_and_two_final_workers_retrain_once(tmp_path: Path) -> None:
+    import optuna
+
+    runs = tmp_path / "runs"
+    common = ["tiny-dialogpt-banking77", "--study", "two", "--runs-dir", str(runs), "--set", "train.max_steps=4",
+              "--set", "train.eval_steps=2", "--set", "train.save_steps=2", "--set", "data.max_samples=120"]
+    done = peftlab("sweep", *common, "--gpus", "2", "--trials", "3")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 worker(s) (CPU processes)" in done.stdout
+    study = optuna.load_study(study_name="two", storage=f"sqlite:///{runs / 'two' / 'study.db'}")
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]  # 2 + 1 trials over two workers, none twice
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # the median rule may prune one
+    assert all(t.state in finished for t in study.trials), [t.state for t in study.trials]
+    assert (runs / "two" / "sweep.json").is_file()  # written by the parent over the shared study
+
+    # Two workers asking for --final at once (the issue saw both retrain into final-trial-NNN): one trains it.
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    finals = [subprocess.Popen([sys.executable, "-m", "peftlab", "sweep", *common, "--trials", "0", "--resume",
+                                "--final"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+              for _ in range(2)]
+    outputs = [f.communicate(timeout=600)[0] for f in finals]
+    assert [f.returncode for f in finals] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert sum("--- final run with the best parameters" in o for o in outputs) == 1
+    assert sum("already completed with these parameters; reusing it" in o for o in outputs) == 1
+    assert len([p for p in (runs / "two").iterdir() if p.name.startswith("final-")]) == 1
+
+
+def test_a_dead_workers_trial_is_failed_and_queued_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What sweep.storage sets up: a RUNNING trial whose heartbeat stopped is failed by the next worker's
+    check and retried once with the same parameters."""
+    import time
+
+    import optuna
+
+    from peftlab import sweep
+
+    monkeypatch.setattr(sweep, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(sweep, "GRACE_S", 1)
+    store = sweep.storage(None, tmp_path)
+    study = optuna.create_study(storage=store, study_name="s")
+    dead = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
+    store.record_heartbeat(dead._trial_id)  # then the worker "dies": no more heartbeats
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[1].params == dead.params
+
+
+@pytest.mark.parametrize(("installed", "expected"), [
+    ({"psycopg2"}, "postgresql+psycopg2://u@h/db"), ({"psycopg"}, "postgresql+psycopg://u@h/db"),
+    ({"psycopg2", "psycopg"}, "postgresql+psycopg2://u@h/db")])
+@pytest.mark.parametrize("url", ["postgresql://u@h/db", "postgres://u@h/db"])
+def test_a_postgresql_url_gets_the_installed_driver(monkeypatch: pytest.MonkeyPatch, installed: set[str],
+                                                   expected: str, url: str) -> None:
+    from peftlab import sweep
+
+    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert sweep.with_driver(url) == expected
+    assert sweep.with_driver("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"  # named: kept
+    assert sweep.with_driver("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_a_postgresql_url_without_a_driver_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftlab import sweep
+    from peftlab.errors import PeftlabError
+
+    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PeftlabError, match=r"no PostgreSQL driver is installed; fix: pip install psycopg2-binary"):
+        sweep.with_driver("postgresql://u@h/db")

@@ -135,15 +135,22 @@ def sweep(recipe: RecipeArg,
           resume: Annotated[bool, typer.Option(help="extend an existing study with more trials")] = False,
           set_: SetOpt = None, runs_dir: RunsDirOpt = DEFAULT_RUNS,
           baseline: Annotated[str | None, typer.Option(
-              help="with --final: compare with this run, JSON file of metrics, or shipped reference")] = None) -> None:
+              help="with --final: compare with this run, JSON file of metrics, or shipped reference")] = None,
+          gpus: Annotated[int, typer.Option(min=1, help="workers on one study, one per GPU (CPU-only: processes)")] = 1) -> None:
     """Optuna search over the recipe's sweep.space: one run folder per trial, pruning, plots, --final on test."""
     from peftlab.config import load_recipe
-    from peftlab.sweep import run_sweep
+    from peftlab.sweep import run_sweep, run_workers
 
     quiet_libraries()
     if baseline and not final:
         raise PeftlabError("--baseline compares the final run; fix: add --final")
-    result = run_sweep(load_recipe(recipe, set_), runs_dir, trials, study, storage, resume, final)
+    loaded = load_recipe(recipe, set_)
+    if gpus > 1:  # the workers run the trials; then this process writes the results and runs --final once
+        argv = without_options(sys.argv[1:], ("--gpus", "--trials", "--study", "--storage", "--baseline"))
+        storage = run_workers(loaded, [a for a in argv if a not in ("--final", "--no-final", "--resume", "--no-resume")], gpus, runs_dir, trials,
+                              study, storage, resume)
+        trials, resume = 0, True
+    result = run_sweep(loaded, runs_dir, trials, study, storage, resume, final)
     if result.best_run is not None:
         say(f"best trial: {result.best_run.path}")
     if result.final_run is not None:
