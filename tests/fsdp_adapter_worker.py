@@ -1,6 +1,7 @@
 """One rank of tests/test_gpus.py's FSDP adapter test (run under torchrun, gloo, CPU): a LoRA model of the
 tiny Gemma-2 preset, sharded with torch's FSDP2 (`fully_shard`, as the Trainer's FSDP does), saved through
-peftlab's save_adapter; rank 0 also writes the sharded model's logits for the single-process check."""
+peftlab's save_adapter, then its sample generations written as after training (every rank takes part);
+rank 0 also writes the sharded model's logits for the single-process check."""
 
 import os
 import sys
@@ -12,9 +13,11 @@ from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peftlab.config import load_recipe
 from peftlab.models.presets import preset_checkpoint
 from peftlab.runs import RunDir
 from peftlab.tasks.common import save_adapter
+from peftlab.tasks.sft import write_samples
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -35,7 +38,9 @@ assert sharded, "no LoRA weight is actually sharded: the test would prove nothin
 ids = torch.arange(3, 19).reshape(2, 8)
 with torch.no_grad():
     logits = model(input_ids=ids).logits
-save_adapter(RunDir(out / "run", writer=rank == 0), model, AutoTokenizer.from_pretrained(base))
+run, tokenizer = RunDir(out / "run", writer=rank == 0), AutoTokenizer.from_pretrained(base)
+save_adapter(run, model, tokenizer)
+write_samples(run, load_recipe("tiny-gemma2-dolly", ['eval.prompts=["Hi"]', "eval.max_new_tokens=4"]), model, tokenizer)
 if rank == 0:
     torch.save({"input_ids": ids, "logits": logits, "base": str(base)}, out / "sharded.pt")
 dist.barrier()

@@ -21,9 +21,9 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]
 
 def test_fsdp_sharded_adapter_saves_whole_and_loads_in_one_process_with_the_same_logits(tmp_path: Path) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    done = torchrun("--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path))
+    done = torchrun("--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path), timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sharded["base"]),
@@ -31,6 +31,14 @@ def test_fsdp_sharded_adapter_saves_whole_and_loads_in_one_process_with_the_same
     with torch.no_grad():
         logits = model(input_ids=sharded["input_ids"]).logits
     torch.testing.assert_close(logits, sharded["logits"], rtol=1e-5, atol=1e-5)
+    # Generations after training: every rank took part (rank 0 alone would wait forever for the others' shards)
+    from peftlab.config import load_recipe
+    from peftlab.runs import read_jsonl
+    from peftlab.tasks.sft import generate
+
+    recipe = load_recipe("tiny-gemma2-dolly", ['eval.prompts=["Hi"]', "eval.max_new_tokens=4"])
+    [row] = read_jsonl(tmp_path / "run" / "samples" / "generations.jsonl")
+    assert row["adapter"] == generate(model, AutoTokenizer.from_pretrained(sharded["base"]), "Hi", recipe)
     with torch.no_grad(), model.disable_adapter():  # the adapter is not a no-op: a lost adapter would show
         assert not torch.allclose(model(input_ids=sharded["input_ids"]).logits, sharded["logits"], atol=1e-3)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,3 +216,20 @@ def full_trainable_state_dict(model: Any) -> dict[str, Any] | None:
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=True))
+
+
+@contextmanager
+def root_unsharded(model: Any) -> Iterator[None]:
+    """FSDP2's root weights (embeddings, final norm, LM head) whole for the duration. `generate()` calls the
+    inner model's forward, which bypasses the root's pre-forward hook that would gather them ("got mixed
+    torch.Tensor and DTensor"); the decoder layers still gather their own. Every rank must enter it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
