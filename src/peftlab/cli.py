@@ -7,12 +7,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from peftlab.errors import PeftlabError
 from peftlab.watch.console import harden_stdio, print_table, say
+
+if TYPE_CHECKING:
+    from peftlab.distributed import Nodes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA / QLoRA fine-tuning experiments: recipes, run folders, a health guard, comparisons.")
@@ -89,7 +92,7 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
         show_comparison([run], baseline_source(baseline, runs_dir))
 
 
-def launch(processes: int, strategy: str, run_name: str | None, nodes) -> int:
+def launch(processes: int, strategy: str, run_name: str | None, nodes: Nodes) -> int:
     """Re-run this command line as `processes` ranks (per machine) under torchrun; returns its exit code."""
     import subprocess
 
@@ -147,8 +150,8 @@ def sweep(recipe: RecipeArg,
     loaded = load_recipe(recipe, set_)
     if gpus > 1:  # the workers run the trials; then this process writes the results and runs --final once
         argv = without_options(sys.argv[1:], ("--gpus", "--trials", "--study", "--storage", "--baseline"))
-        storage = run_workers(loaded, [a for a in argv if a not in ("--final", "--no-final", "--resume", "--no-resume")], gpus, runs_dir, trials,
-                              study, storage, resume)
+        flags = ("--final", "--no-final", "--resume", "--no-resume")
+        storage = run_workers(loaded, [a for a in argv if a not in flags], gpus, runs_dir, trials, study, storage, resume)
         trials, resume = 0, True
     result = run_sweep(loaded, runs_dir, trials, study, storage, resume, final)
     if result.best_run is not None:
