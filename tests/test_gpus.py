@@ -75,6 +75,20 @@ def test_several_visible_gpus_without_flags_train_on_the_first_and_say_how_to_us
         "use all of them with --gpus 2"]
 
 
+def test_trainer_arguments_drive_one_gpu_when_cuda_saw_several_first(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """When CUDA was initialised before use_one_gpu could hide the other GPUs, the Trainer still counts them:
+    the arguments the engine builds must not ask for nn.DataParallel."""
+    from transformers import TrainingArguments
+
+    from peftlab.distributed import one_gpu_per_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    args._n_gpu = 2  # what _setup_devices counts on a 2-GPU machine (this CPU has none)
+    assert one_gpu_per_process(args).n_gpu == 1
+
+
 def peftlab(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "peftlab", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})

@@ -123,6 +123,16 @@ def use_one_gpu() -> None:
         f"process); use all of them with --gpus {visible}")
 
 
+def one_gpu_per_process(args: Any) -> Any:
+    """TrainingArguments that drive one GPU per process. `use_one_gpu` hides the other GPUs only while CUDA is
+    not initialised yet; once it is (anything calling torch.cuda.is_available() first), the Trainer would still
+    count them and wrap the model in nn.DataParallel. transformers has no public switch: it sets this same
+    field itself for a model split over devices (Trainer.__init__, is_model_parallel)."""
+    if args.n_gpu > 1 and not ranks().distributed:
+        args._n_gpu = 1
+    return args
+
+
 def broadcast(value: Any) -> Any:
     """Rank 0's value on every rank."""
     if not ranks().distributed:
