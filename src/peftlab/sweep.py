@@ -294,12 +294,12 @@ def run_workers(recipe: Recipe, argv: list[str], workers: int, runs_dir: Path, t
 
     name = sanitize_name(study_name or recipe.name)
     folder = Path(runs_dir) / name
-    url = with_driver(storage_url) if storage_url else default_storage(folder)
-    open_study(recipe, name, folder, storage_url, resume)
     gpus = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()] or \
         [str(i) for i in range(torch.cuda.device_count())]
     if torch.cuda.is_available() and workers > len(gpus):
         raise PeftlabError(f"--gpus {workers}: this machine has {len(gpus)} GPU(s); fix: --gpus <= that")
+    url = with_driver(storage_url) if storage_url else default_storage(folder)
+    open_study(recipe, name, folder, storage_url, resume)
     commands = worker_commands(argv, workers, recipe.sweep.trials if trials is None else trials, url, name)
     say(f"study '{name}': {len(commands)} worker(s)" + (f" on GPUs {', '.join(gpus[:len(commands)])}"
                                                        if torch.cuda.is_available() else " (CPU processes)"))
