@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.cli import without_launch_options
+from peftlab.cli import LAUNCH_OPTIONS, without_options
 from peftlab.distributed import trainer_strategy_arguments
 from peftlab.runs import read_jsonl
 
@@ -76,8 +76,9 @@ def test_two_sweep_workers_share_one_study_without_running_a_trial_twice(tmp_pat
 
 
 def test_launch_options_are_consumed_by_the_parent() -> None:
-    argv = ["train", "r.yaml", "--gpus", "2", "--strategy=fsdp", "--set", "train.lr=1e-4", "--gpus=4"]
-    assert without_launch_options(argv) == ["train", "r.yaml", "--set", "train.lr=1e-4"]
+    argv = ["train", "r.yaml", "--gpus", "2", "--strategy=fsdp", "--set", "train.lr=1e-4", "--gpus=4", "--nnodes", "2",
+            "--node-rank=1", "--rdzv-endpoint", "h:29400", "--rdzv-id", "j"]
+    assert without_options(argv, LAUNCH_OPTIONS) == ["train", "r.yaml", "--set", "train.lr=1e-4"]
 
 
 @pytest.mark.parametrize(("strategy", "key"), [("ddp", "ddp_find_unused_parameters"), ("fsdp", "fsdp"),

@@ -7,12 +7,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from peftlab.errors import PeftlabError
 from peftlab.watch.console import harden_stdio, print_table, say, say_error
+
+if TYPE_CHECKING:
+    from peftlab.distributed import Nodes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA / QLoRA fine-tuning experiments: recipes, run folders, a health guard, comparisons.")
@@ -106,18 +109,24 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
           resume: Annotated[str | None, typer.Option(help="continue this run (folder or name) from its last checkpoint")] = None,
           baseline: Annotated[str | None, typer.Option(
               help="then compare with this run, JSON file of metrics, or shipped reference (dialogpt-banking77-original)")] = None,
-          gpus: Annotated[int, typer.Option(min=1, help="data-parallel processes, one per GPU (CPU-only: gloo processes)")] = 1,
-          strategy: Annotated[str, typer.Option(help="with --gpus > 1: ddp | fsdp | zero2 | zero3")] = "ddp") -> None:
+          gpus: Annotated[int, typer.Option(min=1, help="data-parallel processes (per machine), one per GPU (CPU-only: gloo processes)")] = 1,
+          strategy: Annotated[str, typer.Option(help="with --gpus > 1: ddp | fsdp | zero2 | zero3")] = "ddp",
+          nnodes: Annotated[int, typer.Option(help="machines in the run (torchrun --nnodes); run the same command on each")] = 1,
+          node_rank: Annotated[int | None, typer.Option(help="this machine's rank, 0..nnodes-1 (default: assigned at rendezvous)")] = None,
+          rdzv_endpoint: Annotated[str | None, typer.Option(help="with --nnodes > 1: HOST:PORT every machine reaches")] = None,
+          rdzv_id: Annotated[str | None, typer.Option(help="with --nnodes > 1: a job id, the same on every machine")] = None) -> None:
     """Train a recipe into a run folder, or --resume a stopped one. Ctrl-C / SIGTERM save a checkpoint (exit 130)."""
     from peftlab.config import load_recipe
-    from peftlab.distributed import ranks
+    from peftlab.distributed import Nodes, ranks
     from peftlab.runner import default_run_name, resume_run, run_recipe
 
     quiet_libraries()
-    if gpus > 1 and not ranks().distributed:
-        # The ranks must agree on one folder: name it here, once.
+    nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_id)
+    nodes.check()
+    if (gpus > 1 or nnodes > 1) and not ranks().distributed:
+        # The ranks must agree on one folder: name it here, once (across machines, rank 0's name wins).
         run_name = None if (resume or name or not recipe) else default_run_name(load_recipe(recipe, set_))
-        raise typer.Exit(launch(gpus, strategy, run_name))
+        raise typer.Exit(launch(gpus, strategy, run_name, nodes))
     if resume:
         if name or overwrite:
             raise PeftlabError("--resume continues an existing run folder; fix: drop --name/--overwrite")
@@ -133,8 +142,8 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
         show_comparison([run], baseline_source(baseline, runs_dir))
 
 
-def launch(processes: int, strategy: str, run_name: str | None) -> int:
-    """Re-run this command line as `processes` ranks under torchrun; returns its exit code."""
+def launch(processes: int, strategy: str, run_name: str | None, nodes: Nodes) -> int:
+    """Re-run this command line as `processes` ranks (per machine) under torchrun; returns its exit code."""
     import subprocess
 
     import torch
@@ -145,19 +154,26 @@ def launch(processes: int, strategy: str, run_name: str | None) -> int:
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise PeftlabError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} GPU(s); fix: --gpus <= that")
     if not torch.cuda.is_available():
-        say(f"note: no CUDA GPU: {processes} CPU processes (gloo) instead")
-    argv = without_launch_options(sys.argv[1:]) + (["--name", run_name] if run_name else [])
-    return subprocess.run(launch_command(argv, processes), env=env).returncode
+        if strategy != "ddp":  # accelerate applies FSDP/DeepSpeed only on accelerators: it would silently be DDP
+            raise PeftlabError(f"--strategy {strategy}: needs CUDA GPUs (on CPU processes accelerate would run DDP "
+                               "instead); fix: --strategy ddp")
+        say(f"note: no CUDA GPU: {processes * nodes.nnodes} CPU processes (gloo) instead")
+    argv = without_options(sys.argv[1:], LAUNCH_OPTIONS) + (["--name", run_name] if run_name else [])
+    return subprocess.run(launch_command(argv, processes, nodes), env=env).returncode
 
 
-def without_launch_options(argv: list[str]) -> list[str]:
+LAUNCH_OPTIONS = ("--gpus", "--strategy", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id")
+
+
+def without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without `options` (each with its value, as `--opt V` or `--opt=V`): what the parent consumed."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--gpus", "--strategy"):
+        elif arg in options:
             skip = True
-        elif not arg.startswith(("--gpus=", "--strategy=")):
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
             out.append(arg)
     return out
 
@@ -172,15 +188,22 @@ def sweep(recipe: RecipeArg,
           resume: Annotated[bool, typer.Option(help="extend an existing study with more trials")] = False,
           set_: SetOpt = None, runs_dir: RunsDirOpt = DEFAULT_RUNS,
           baseline: Annotated[str | None, typer.Option(
-              help="with --final: compare with this run, JSON file of metrics, or shipped reference")] = None) -> None:
+              help="with --final: compare with this run, JSON file of metrics, or shipped reference")] = None,
+          gpus: Annotated[int, typer.Option(min=1, help="workers on one study, one per GPU (CPU-only: processes)")] = 1) -> None:
     """Optuna search over the recipe's sweep.space: one run folder per trial, pruning, plots, --final on test."""
     from peftlab.config import load_recipe
-    from peftlab.sweep import run_sweep
+    from peftlab.sweep import run_sweep, run_workers
 
     quiet_libraries()
     if baseline and not final:
         raise PeftlabError("--baseline compares the final run; fix: add --final")
-    result = run_sweep(load_recipe(recipe, set_), runs_dir, trials, study, storage, resume, final)
+    loaded = load_recipe(recipe, set_)
+    if gpus > 1:  # the workers run the trials; then this process writes the results and runs --final once
+        argv = without_options(sys.argv[1:], ("--gpus", "--trials", "--study", "--storage", "--baseline"))
+        flags = ("--final", "--no-final", "--resume", "--no-resume")
+        storage = run_workers(loaded, [a for a in argv if a not in flags], gpus, runs_dir, trials, study, storage, resume)
+        trials, resume = 0, True
+    result = run_sweep(loaded, runs_dir, trials, study, storage, resume, final)
     if result.best_run is not None:
         say(f"best trial: {result.best_run.path}")
     if result.final_run is not None:

@@ -5,12 +5,18 @@ Trainer then runs DDP through accelerate (gloo on CPUs, NCCL on GPUs). `accelera
 train ...` works too: both set RANK/WORLD_SIZE. The strategy (ddp, fsdp, zero2, zero3) is a property of
 the launch, not the recipe: it travels to the ranks in PEFTLAB_STRATEGY and becomes Trainer arguments.
 Rank 0 owns the run folder; the other ranks train and stay silent.
+
+A single process trains on one GPU even when several are visible (`use_one_gpu`): a recipe's batch is per
+process, so silently spreading over every GPU would change the global batch, the step count and the
+results with the machine, and `--resume` needs the same world size. `--gpus N` asks for N processes.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,18 +54,83 @@ def strategy() -> str:
     return checked_strategy(os.environ.get(STRATEGY_ENV, "ddp"), STRATEGY_ENV)
 
 
-def launch_command(argv: list[str], processes: int) -> list[str]:
-    """torchrun over this same command line (without --gpus/--strategy, which are consumed here)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+@dataclass(frozen=True)
+class Nodes:
+    """Several machines, as torchrun names it: `nnodes` machines each start `--gpus` processes and meet at
+    the c10d rendezvous `endpoint` (host:port of any one of them, the same on every machine) under `id`."""
+
+    nnodes: int = 1
+    node_rank: int | None = None
+    endpoint: str | None = None
+    id: str | None = None
+
+    def check(self) -> None:
+        """One line for a combination torchrun would reject late, or would hang on."""
+        if self.nnodes < 1:
+            raise PeftlabError(f"--nnodes {self.nnodes}: must be >= 1")
+        if self.nnodes == 1:
+            if self.node_rank not in (None, 0) or self.endpoint or self.id:
+                raise PeftlabError("--node-rank/--rdzv-endpoint/--rdzv-id need --nnodes > 1; fix: add --nnodes N, "
+                                   "or drop them for one machine")
+            return
+        if not self.endpoint or ":" not in self.endpoint:
+            raise PeftlabError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (a machine all nodes reach, "
+                               "the same on each); fix: e.g. --rdzv-endpoint node0:29400")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise PeftlabError(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} for --nnodes {self.nnodes}")
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes == 1:
+            return ["--standalone"]
+        return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}",
+                f"--rdzv-id={self.id or 'peftlab'}",
+                *([f"--node-rank={self.node_rank}"] if self.node_rank is not None else [])]
+
+
+def launch_command(argv: list[str], processes: int, nodes: Nodes = Nodes()) -> list[str]:
+    """torchrun over this same command line (without the launch options, which are consumed here);
+    `processes` per machine."""
+    return [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args(), f"--nproc_per_node={processes}",
             "-m", "peftlab", *argv]
 
 
 def init_process_group() -> None:
-    """Start the collective backend early (the Trainer would do it later), so ranks can agree on a run name."""
+    """Start the collective backend early (the Trainer would do it later), so ranks can agree on a run name;
+    a single process takes one GPU (`use_one_gpu`)."""
     if ranks().distributed:
         from accelerate import PartialState
 
         PartialState()
+    else:
+        use_one_gpu()
+
+
+def use_one_gpu() -> None:
+    """Several GPUs visible to one process: train on the first and say how to use them all. Without this the
+    Trainer would wrap the model in nn.DataParallel, which trl's SFTTrainer refuses (and which is slower than
+    DDP anyway). Must run before CUDA initialises: CUDA_VISIBLE_DEVICES is read once, at that moment.
+    `torch.cuda.device_count` asks NVML and does not initialise CUDA."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible <= 1 or torch.cuda.is_initialized():
+        return
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    from peftlab.watch.console import say
+
+    say(f"note: {visible} GPUs visible; this process trains on GPU {first} only (the recipe's batch is per "
+        f"process); use all of them with --gpus {visible}")
+
+
+def one_gpu_per_process(args: Any) -> Any:
+    """TrainingArguments that drive one GPU per process. `use_one_gpu` hides the other GPUs only while CUDA is
+    not initialised yet; once it is (anything calling torch.cuda.is_available() first), the Trainer would still
+    count them and wrap the model in nn.DataParallel. transformers has no public switch: it sets this same
+    field itself for a model split over devices (Trainer.__init__, is_model_parallel)."""
+    if args.n_gpu > 1 and not ranks().distributed:
+        args._n_gpu = 1
+    return args
 
 
 def broadcast(value: Any) -> Any:
@@ -130,3 +201,45 @@ def trainer_strategy_arguments() -> dict[str, Any]:
 def shards_weights() -> bool:
     """FSDP and ZeRO-3 shard the (frozen) weights themselves, not only gradients and optimizer state."""
     return ranks().distributed and strategy() in ("fsdp", "zero3")
+
+
+def full_trainable_state_dict(model: Any) -> dict[str, Any] | None:
+    """The trainable weights (the adapter), whole, on rank 0's CPU, when FSDP or ZeRO-3 shard them; None when
+    every rank holds them whole (one process, DDP), where peft reads the model itself.
+
+    A collective: every rank must call it. Each rank holds only its shard of every parameter (FSDP2, the
+    Trainer's default: a DTensor, which has no storage of its own: peft's save of it failed with "Attempted to
+    access the data pointer on an invalid python storage"), so the shards are gathered first, as the
+    Trainer's own FSDP save does. Only trainable tensors
+    travel (ignore_frozen_params): gathering a frozen 2B base to rank 0 would cost seconds and gigabytes.
+    Keys are the model's own names (no FSDP prefixes), which peft's save_pretrained(state_dict=...) expects.
+    Other ranks get an empty dict."""
+    if not shards_weights():
+        return None
+    if strategy() == "zero3":
+        import deepspeed  # ZeRO-3 needs it installed anyway
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named} if ranks().is_main else {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+@contextmanager
+def root_unsharded(model: Any) -> Iterator[None]:
+    """FSDP2's root weights (embeddings, final norm, LM head) whole for the duration. `generate()` calls the
+    inner model's forward, which bypasses the root's pre-forward hook that would gather them ("got mixed
+    torch.Tensor and DTensor"); the decoder layers still gather their own. Every rank must enter it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

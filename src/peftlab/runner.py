@@ -59,6 +59,7 @@ def resume_run(ref: str, runs_dir: Path, recipe: Recipe | None = None, show_prog
     """Continue run `ref` from its newest complete checkpoint, with the recipe it was started with."""
     from peftlab.reliability import plan_resume
 
+    init_process_group()  # before environment() below initialises CUDA
     try:
         plan = plan_resume(ref, runs_dir, recipe, lock=ranks().is_main)
     except OSError as exc:  # the lock file or the trimmed log could not be written

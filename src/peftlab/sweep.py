@@ -6,15 +6,22 @@ like any run. A TrainerCallback reports each validation metric to Optuna; the me
 trials that fall behind (their run folder says `pruned`). The study lives in SQLite inside the study
 folder by default, so a sweep can be resumed and extended, or in any SQLAlchemy URL that several
 machines share (Optuna's heartbeat retries a trial whose machine died). `--final` retrains with the
-best parameters and evaluates on the test set.
+best parameters and evaluates on the test set. `--gpus N` starts N workers on one study, one per GPU
+(`run_workers`), then runs `--final` once itself.
 """
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import math
 import os
+import subprocess
+import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +128,7 @@ def storage(url: str | None, folder: Path) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
-    url = url or f"sqlite:///{(folder / STUDY_DB).resolve()}"
+    url = with_driver(url) if url else default_storage(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for attempt in range(STORAGE_ATTEMPTS):
         try:
@@ -140,6 +147,26 @@ def storage(url: str | None, folder: Path) -> Any:
                 "fix: pass an SQLAlchemy URL such as sqlite:///study.db or postgresql://user@host/db (with its driver installed)"
             ) from None
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def default_storage(folder: Path) -> str:
+    return f"sqlite:///{(folder / STUDY_DB).resolve()}"
+
+
+POSTGRES_DRIVERS = (("psycopg2", "postgresql+psycopg2"), ("psycopg", "postgresql+psycopg"))
+
+
+def with_driver(url: str) -> str:
+    """A `postgresql://` (or `postgres://`) URL with the installed driver named: SQLAlchemy would otherwise
+    import psycopg2 and fail with a traceback when only psycopg 3 is installed (and it refuses `postgres://`)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    for module, dialect in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}{sep}{rest}"
+    raise PeftlabError("--storage postgresql://...: no PostgreSQL driver is installed; fix: pip install psycopg2-binary "
+                       "(or psycopg[binary])")
 
 
 def open_study(recipe: Recipe, name: str, folder: Path, storage_url: str | None, resume: bool,
@@ -232,8 +259,58 @@ def run_sweep(recipe: Recipe, runs_dir: Path, trials: int | None = None, study_n
     if final:
         if best is None:
             raise PeftlabError(f"--final: study '{name}' has no completed trial yet; fix: run more trials first")
-        final_run = run_final(recipe, best, folder, show_progress)
+        with exclusive(folder / ".final.lock"):  # workers started with --final retrain once: the others reuse it
+            final_run = run_final(recipe, best_trial(study), folder, show_progress)
     return SweepResult(study, folder, best_run, final_run)
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Held by one process of this machine at a time; the others wait (flock: freed if its holder dies)."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def worker_commands(argv: list[str], workers: int, trials: int, url: str, study: str) -> list[list[str]]:
+    """`peftlab sweep` command lines for `workers` processes sharing `trials` (the first ones take the remainder),
+    joined to one study by its explicit storage URL. `argv` holds no option the parent consumed."""
+    shares = [trials // workers + (i < trials % workers) for i in range(workers)]
+    return [[sys.executable, "-m", "peftlab", *argv, "--trials", str(n), "--study", study, "--storage", url]
+            for n in shares if n]
+
+
+def run_workers(recipe: Recipe, argv: list[str], workers: int, runs_dir: Path, trials: int | None,
+                study_name: str | None, storage_url: str | None, resume: bool) -> str:
+    """Start one `peftlab sweep` worker per GPU (CUDA_VISIBLE_DEVICES = that GPU; on a CPU-only machine N
+    processes) on one study, wait for all; returns the storage URL they shared. The study is opened here
+    first, so a name clash is one error line before any worker starts. A worker that dies leaves a RUNNING
+    trial whose heartbeat stops: another worker fails it after GRACE_S and RetryFailedTrialCallback queues
+    it again."""
+    import torch
+
+    name = sanitize_name(study_name or recipe.name)
+    folder = Path(runs_dir) / name
+    gpus = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()] or \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if torch.cuda.is_available() and workers > len(gpus):
+        raise PeftlabError(f"--gpus {workers}: this machine has {len(gpus)} GPU(s); fix: --gpus <= that")
+    url = with_driver(storage_url) if storage_url else default_storage(folder)
+    open_study(recipe, name, folder, storage_url, resume)
+    commands = worker_commands(argv, workers, recipe.sweep.trials if trials is None else trials, url, name)
+    say(f"study '{name}': {len(commands)} worker(s)" + (f" on GPUs {', '.join(gpus[:len(commands)])}"
+                                                       if torch.cuda.is_available() else " (CPU processes)"))
+    procs = [subprocess.Popen(cmd, env={**os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[i]}
+                                                         if torch.cuda.is_available() else {})})
+             for i, cmd in enumerate(commands)]
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise PeftlabError(f"sweep worker(s) {', '.join(map(str, failed))} failed (see their output above); "
+                           f"fix: the cause, then `peftlab sweep ... --resume --storage {url}`")
+    return url
 
 
 def best_trial(study: Any) -> Any | None:

@@ -20,7 +20,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from trl import SFTConfig, SFTTrainer
 
 from peftlab.config import TrainConfig
-from peftlab.distributed import trainer_strategy_arguments
+from peftlab.distributed import one_gpu_per_process, trainer_strategy_arguments
 from peftlab.engines import EngineResult, Prediction, TrainJob
 from peftlab.engines.hooks import TrainingHooks
 from peftlab.engines.optimizers import resolve_optimizer
@@ -163,11 +163,11 @@ def build_trainer(job: TrainJob, hooks: TrainingHooks) -> Trainer:
     common = dict(model=job.model, train_dataset=job.train_dataset, eval_dataset=job.eval_dataset,
                   processing_class=job.tokenizer, hooks=hooks, callbacks=[HooksCallback(hooks)])
     if job.loss_kind == "causal_lm":
-        args = sft_config(job.train, job.seed, job.checkpoints, job.precision, job.max_length)
+        args = one_gpu_per_process(sft_config(job.train, job.seed, job.checkpoints, job.precision, job.max_length))
         trainer = CountingSFTTrainer(args=args, **common)
     else:
         args = trainer_arguments(job.train, job.seed, job.checkpoints, job.precision)
-        trainer = CountingTrainer(args=TrainingArguments(**args), data_collator=job.collator,
+        trainer = CountingTrainer(args=one_gpu_per_process(TrainingArguments(**args)), data_collator=job.collator,
                                   compute_metrics=job.compute_metrics, **common)
         check_labels_reach_model(trainer, job.model.config.num_labels)
     trainer.remove_callback(PrinterCallback)  # the hooks print the metrics

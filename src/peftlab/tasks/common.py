@@ -13,11 +13,15 @@ from peftlab.watch.guard import RunContext
 
 
 def save_adapter(run: RunDir, model: Any, tokenizer: Any, extra_json: dict[str, Any] | None = None) -> None:
-    """adapter/ (LoRA weights as safetensors, tokenizer, any extra JSON files), swapped in whole; by rank 0 only."""
+    """adapter/ (LoRA weights as safetensors, tokenizer, any extra JSON files), swapped in whole; by rank 0 only.
+    Every rank calls it: under FSDP/ZeRO-3 the adapter is first gathered from the ranks' shards."""
+    from peftlab.distributed import full_trainable_state_dict
+
+    state = full_trainable_state_dict(model)
     if not run.writer:
         return
     with atomic_dir(run.adapter_path) as folder:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state)
         tokenizer.save_pretrained(folder)
         for name, data in (extra_json or {}).items():
             atomic_write_json(folder / name, data)

@@ -19,7 +19,7 @@ import torch
 from peftlab.config import Recipe
 from peftlab.data.conversations import DataFormat, build_sft_data, generation_prompt_ids
 from peftlab.data.instructions import IGNORE_INDEX, InstructionData, adds_bos
-from peftlab.distributed import shards_weights
+from peftlab.distributed import root_unsharded, shards_weights
 from peftlab.engines import EngineResult, TrainJob
 from peftlab.models import adapt, loader
 from peftlab.models.base import trained_base
@@ -135,16 +135,20 @@ def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_to
 
 
 def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any, style: str) -> None:
-    """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side; by rank 0 only."""
-    if not run.writer:
+    """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side; written by rank 0.
+    Under FSDP/ZeRO-3 every rank generates: each forward pass gathers the sharded weights from all ranks."""
+    if not run.writer and not shards_weights():
         return
     rows = []
-    for prompt in recipe.eval.prompts:
-        row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe, style=style)}
-        if recipe.eval.compare_base:
-            with model.disable_adapter():
-                row["base"] = generate(model, tokenizer, prompt, recipe, style=style)
-        rows.append(row)
+    with root_unsharded(model):
+        for prompt in recipe.eval.prompts:
+            row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe, style=style)}
+            if recipe.eval.compare_base:
+                with model.disable_adapter():
+                    row["base"] = generate(model, tokenizer, prompt, recipe, style=style)
+            rows.append(row)
+    if not run.writer:
+        return
     atomic_write_text(run.samples_path / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     lines = ["# Generations", ""]
     for r in rows:
