@@ -20,5 +20,5 @@ one sdpa-bf16 120 --set model.attn_implementation=sdpa --set train.max_steps=30 
   --set train.save_steps=null --set train.best_metric=null
 one sdpa-fp32 120 --set model.attn_implementation=sdpa --set train.precision=fp32 --set train.max_steps=30 \
   --set train.eval_steps=null --set train.save_steps=null --set train.best_metric=null
-one defaults ${LIMIT:-330}
+one defaults ${LIMIT:-330} ${DEFAULTS_ARGS:-}
 python3 -m peftlab compare "$RUNS/sdpa-bf16" "$RUNS/sdpa-fp32" "$RUNS/defaults" --format markdown | tee "$OUT/table.md"
