@@ -134,7 +134,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, recipe: Recipe, max_new_to
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any, style: str) -> None:
+def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any, style: str = "dolly") -> None:
     """Greedy generations for the recipe's fixed prompts, adapter vs base model, side by side; written by rank 0.
     Under FSDP/ZeRO-3 every rank generates: each forward pass gathers the sharded weights from all ranks."""
     if not run.writer and not shards_weights():
