@@ -193,3 +193,13 @@ def test_runs_of_other_tasks_are_shown_but_never_compared(make_run, runs_dir):
     cli = [sys.executable, "-m", "peftlab", "compare", "--runs-dir", str(runs_dir)]
     table = subprocess.run([*cli, "sft", "cls", "diff"], capture_output=True, text=True, check=True).stdout
     assert "-95" not in table and "note: not compared with baseline sft (sft), another task" in table
+
+
+def test_runs_of_different_lengths_compare_their_time_per_step(make_run):
+    """A 120-step run that took 72 s is not '1.5x slower' than a 12-step run that took 49 s."""
+    short = make_run("hf", {**LORA, "runtime_s": 49.1, "steps": 12, "steps_per_s": 0.244})
+    long = make_run("fast", {**LORA, "runtime_s": 72.5, "steps": 120, "steps_per_s": 1.655})
+    comp = compare([short, long])
+    assert comp.rows[1]["vs"]["speedup"] == pytest.approx(1.655 / 0.244)
+    [line] = verdicts(comp)
+    assert f"{1.655 / 0.244:.2f}x faster" in line

@@ -97,13 +97,21 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
+def speedup(row: dict[str, Any], base: dict[str, Any]) -> float | None:
+    """> 1: faster than the baseline. Wall times compare only runs that did the same number of optimizer steps;
+    runs of different lengths (a 120-step run against a 12-step one) compare their time per step instead."""
+    if row.get("steps") is not None and base.get("steps") is not None and row["steps"] != base["steps"]:
+        return ratio(row.get("steps_per_s"), base.get("steps_per_s"))
+    return ratio(base.get("runtime_s"), row.get("runtime_s"))
+
+
 def versus(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
     """Ratios and deltas of one row against the baseline row; None where either side is missing."""
     vs: dict[str, float | None] = {}
     for c in COLUMNS:
         value, ref = row[c.name], base[c.name]
         if c.kind == "time":
-            vs["speedup"] = ratio(ref, value)  # > 1: faster than the baseline
+            vs["speedup"] = speedup(row, base)
         elif c.kind == "memory":
             r = ratio(value, ref)
             vs[f"{c.name}_change_pct"] = None if r is None else 100.0 * (r - 1.0)
