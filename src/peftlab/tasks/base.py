@@ -9,6 +9,7 @@ task and must not pay for importing torch, transformers and diffusers (about 7 s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from peftlab.watch.monitor import BatchCounter
@@ -61,9 +62,11 @@ class Exported:
 
 
 class Task:
-    """One task: subclass, fill the class attributes, implement the methods, then `register_task(name, cls)`.
+    """One task: subclass, fill the class attributes, name the implementation module, then `register_task(name, cls)`.
 
-    Every command dispatches through this interface; no other module branches on a task name.
+    Every command dispatches through this interface; no other module branches on a task name. The training and
+    export methods delegate to the implementation module's functions of the same name (`prepare(recipe, run)`,
+    `save`, `finish`, `doctor`, `export`), imported only when called; `generate` is the task's own.
     """
 
     name: str  # set by register_task
@@ -73,18 +76,23 @@ class Task:
     view: ClassVar[TaskView] = DEFAULT_VIEW
     samples: ClassVar[tuple[SampleBlock, ...]] = ()  # the report blocks its runs fill
 
+    def implementation(self) -> ModuleType:
+        """The module that does the work (tasks/<name>.py), imported here so that `runs` and `compare` never pay
+        for torch, transformers and diffusers."""
+        raise NotImplementedError
+
     # ---- training: the skeleton (peftlab/training.py) calls these in order
     def prepare(self, recipe: Recipe, run: RunDir) -> Prepared:
         """Build data and adapted model, print what will train; the job carries loss kind and datasets."""
-        raise NotImplementedError
+        return self.implementation().prepare(recipe, run)
 
     def save(self, run: RunDir, prepared: Prepared) -> None:
         """Write adapter/ (also after an interrupt: what was learnt so far stays usable)."""
-        raise NotImplementedError
+        self.implementation().save(run, prepared)
 
     def finish(self, run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
         """After training and `save`: evaluation metrics and samples; returns summary fields."""
-        raise NotImplementedError
+        return self.implementation().finish(run, prepared, result)
 
     # ---- the other commands
     def trial_overrides(self, recipe: Recipe) -> dict[str, Any]:
@@ -93,7 +101,7 @@ class Task:
 
     def doctor(self, recipe: Recipe) -> list[str]:
         """`peftlab doctor`: print the checkup, return the problems (empty = healthy)."""
-        raise NotImplementedError
+        return self.implementation().doctor(recipe)
 
     def generate(self, run: RunDir, recipe: Recipe, prompts: list[str], max_new_tokens: int | None = None,
                  seeds: list[int] | None = None, steps: int | None = None) -> list[str]:
@@ -103,5 +111,5 @@ class Task:
     def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
         """`peftlab export`: the run's adapter merged into the base it was trained on, written to `folder` as a model
         its library loads (safetensors); returns what the model card says of it."""
-        raise NotImplementedError
+        return self.implementation().export(run, recipe, folder)
 

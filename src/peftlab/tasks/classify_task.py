@@ -8,20 +8,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from peftlab.tasks.base import Exported, Prepared, Task, TaskView
+from peftlab.tasks.base import Task, TaskView
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from peftlab.config import Recipe
-    from peftlab.engines import EngineResult
     from peftlab.runs import RunDir
-
-
-def _impl() -> ModuleType:
-    from peftlab.tasks import classify
-
-    return classify
 
 
 class ClassifyTask(Task):
@@ -32,29 +23,20 @@ class ClassifyTask(Task):
                     (("test_accuracy", "eval_accuracy"), ("test_f1", "eval_f1")), ("tokens_per_s", "samples_per_s"))
     samples = ("confusion_matrix",)
 
-    def prepare(self, recipe: Recipe, run: RunDir) -> Prepared:
-        return _impl().prepare(recipe, run)
+    def implementation(self) -> ModuleType:
+        from peftlab.tasks import classify
 
-    def save(self, run: RunDir, prepared: Prepared) -> None:
-        _impl().save(run, prepared)
-
-    def finish(self, run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
-        return _impl().finish(run, prepared, result)
+        return classify
 
     def trial_overrides(self, recipe: Recipe) -> dict[str, Any]:
         return {"data.classify.test": None}  # trials never look at the test set (only --final does)
 
-    def doctor(self, recipe: Recipe) -> list[str]:
-        return _impl().doctor(recipe)
-
     def generate(self, run: RunDir, recipe: Recipe, prompts: list[str], max_new_tokens: int | None = None,
                  seeds: list[int] | None = None, steps: int | None = None) -> list[str]:
         """The predicted label per text: a `> text` line, then `label (probability)`."""
-        classify = _impl()
+        classify = self.implementation()
         model, tokenizer, labels = classify.load_for_inference(run, recipe)
         predicted = classify.predict(model, tokenizer, labels, prompts, recipe.data.max_length)
         return [line for text, (label, probability) in zip(prompts, predicted, strict=True)
                 for line in (f"> {text}", f"{label} ({probability:.3f})")]
 
-    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
-        return _impl().export(run, recipe, folder)

@@ -8,22 +8,13 @@ MSE at random timesteps, so compare trials of the same step count and seed).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftlab.tasks.base import Exported, Prepared, Task, TaskView
+from peftlab.tasks.base import Task, TaskView
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from peftlab.config import Recipe
-    from peftlab.engines import EngineResult
     from peftlab.runs import RunDir
-
-
-def _impl() -> ModuleType:
-    from peftlab.tasks import diffusion
-
-    return diffusion
 
 
 class DiffusionTask(Task):
@@ -33,25 +24,16 @@ class DiffusionTask(Task):
     view = TaskView(("it_per_s",), (("final_train_loss",), ("it_per_s",)), ("it_per_s", "steps_per_s"))
     samples = ("images",)
 
-    def prepare(self, recipe: Recipe, run: RunDir) -> Prepared:
-        return _impl().prepare(recipe, run)
+    def implementation(self) -> ModuleType:
+        from peftlab.tasks import diffusion
 
-    def save(self, run: RunDir, prepared: Prepared) -> None:
-        _impl().save(run, prepared)
-
-    def finish(self, run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
-        return _impl().finish(run, prepared, result)
-
-    def doctor(self, recipe: Recipe) -> list[str]:
-        return _impl().doctor(recipe)
+        return diffusion
 
     def generate(self, run: RunDir, recipe: Recipe, prompts: list[str], max_new_tokens: int | None = None,
                  seeds: list[int] | None = None, steps: int | None = None) -> list[str]:
         """PNG files under samples/generated/, one per prompt and seed: their paths."""
-        diffusion = _impl()
+        diffusion = self.implementation()
         pipeline = diffusion.load_for_inference(run, recipe)
         paths = diffusion.generate_images(pipeline, recipe, prompts, run.samples_path / "generated", seeds, steps)
         return [str(path) for path in paths]
 
-    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
-        return _impl().export(run, recipe, folder)

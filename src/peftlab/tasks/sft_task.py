@@ -6,22 +6,13 @@ The declaration every command reads; the implementation is tasks/sft.py, importe
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftlab.tasks.base import Exported, Prepared, Task, TaskView
+from peftlab.tasks.base import Task, TaskView
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from peftlab.config import Recipe
-    from peftlab.engines import EngineResult
     from peftlab.runs import RunDir
-
-
-def _impl() -> ModuleType:
-    from peftlab.tasks import sft
-
-    return sft
 
 
 class SftTask(Task):
@@ -33,26 +24,17 @@ class SftTask(Task):
                     (("eval_loss", "final_train_loss"),), ("tokens_per_s", "samples_per_s"))
     samples = ("generations",)
 
-    def prepare(self, recipe: Recipe, run: RunDir) -> Prepared:
-        return _impl().prepare(recipe, run)
+    def implementation(self) -> ModuleType:
+        from peftlab.tasks import sft
 
-    def save(self, run: RunDir, prepared: Prepared) -> None:
-        _impl().save(run, prepared)
-
-    def finish(self, run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, Any]:
-        return _impl().finish(run, prepared, result)
-
-    def doctor(self, recipe: Recipe) -> list[str]:
-        return _impl().doctor(recipe)
+        return sft
 
     def generate(self, run: RunDir, recipe: Recipe, prompts: list[str], max_new_tokens: int | None = None,
                  seeds: list[int] | None = None, steps: int | None = None) -> list[str]:
         """Greedy answers: a `> prompt` line, then the answer."""
-        sft = _impl()
+        sft = self.implementation()
         model, tokenizer = sft.load_for_inference(run, recipe)
         style = run.summary().get("data_format", {}).get("prompt_style", "dolly")  # runs before it were dolly
         return [line for text in prompts
                 for line in (f"> {text}", sft.generate(model, tokenizer, text, recipe, max_new_tokens, style))]
 
-    def export(self, run: RunDir, recipe: Recipe, folder: Path) -> Exported:
-        return _impl().export(run, recipe, folder)
