@@ -169,3 +169,9 @@ def test_recipes_show_and_copy_start_a_recipe_of_ones_own(cli, tmp_path):
     assert code == 2 and "did you mean 'tiny-gemma2-dolly'?" in lines[-1]
     code, lines = cli("recipes")
     assert code == 0 and any("tiny-gemma2-dolly" in line for line in lines)
+
+
+def test_trainer_names_that_live_outside_the_recipe_say_where():
+    with pytest.raises(PeftlabError) as err:
+        validate_recipe({"output_dir": "out/hf1", "learning_rate": 1e-4})
+    assert "'output_dir' is not a recipe field: the run folder is <--runs-dir>/<--name>; fix: " in str(err.value)

@@ -180,3 +180,13 @@ def test_run_files_honour_the_umask(runs_dir, umask):
         os.umask(previous)
     for name in ("config.yaml", "summary.json"):
         assert (run.path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_read_only_runs_folder_is_listed_from_the_folders(make_run, runs_dir, monkeypatch):
+    """An archived or shared runs folder that this user cannot write: `runs` lists it (index in memory)."""
+    make_run("archived", {"eval_loss": 1.5})
+    (runs_dir / INDEX_NAME).unlink(missing_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if mode == os.W_OK else real_access(path, mode))
+    assert names(Registry(runs_dir).query()) == {"archived"}
+    assert not (runs_dir / INDEX_NAME).exists()

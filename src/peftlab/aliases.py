@@ -88,6 +88,14 @@ FLAT = {
 ALIASES = {**STANDARD_NAMES, **{name: (f"{section}.{name}", None) for section, names in FLAT.items() for name in names}}
 
 
+# Trainer names whose meaning lives outside the recipe here: the hint says where.
+ELSEWHERE = {
+    "output_dir": "the run folder is <--runs-dir>/<--name>; fix: remove it and pass `--runs-dir DIR --name NAME`",
+    "run_name": "a run's name is its folder's; fix: remove it and pass `--name NAME`",
+    "logging_dir": "trackers write inside the run folder; fix: remove it (tracking.report_to picks the trackers)",
+}
+
+
 def resolve(path: list[str], key: str, is_field: Callable[[list[str], str], bool]) -> list[str] | None:
     """Our dotted key (as parts) for `key` found under section `path`, or None when `key` is no alias there.
     A name that is a real field where it stands is never treated as an alias."""

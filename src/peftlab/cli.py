@@ -117,10 +117,11 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
           rdzv_id: Annotated[str | None, typer.Option(help="with --nnodes > 1: a job id, the same on every machine")] = None) -> None:
     """Train a recipe into a run folder, or --resume a stopped one. Ctrl-C / SIGTERM save a checkpoint (exit 130)."""
     from peftlab.config import load_recipe
-    from peftlab.distributed import Nodes, ranks
+    from peftlab.distributed import Nodes, checked_strategy, ranks
     from peftlab.runner import default_run_name, resume_run, run_recipe
 
     quiet_libraries()
+    checked_strategy(strategy, "--strategy")  # a typo is refused even where it would not be used (one process)
     nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_id)
     nodes.check()
     if (gpus > 1 or nnodes > 1) and not ranks().distributed:

@@ -459,6 +459,8 @@ def _describe(exc: ValidationError) -> str:
         valid = [prefix + k for k in _valid_keys(loc[:-1])]
         alias = aliases.suggestion(loc[-1], _valid_keys(loc[:-1]))
         msg = f"unknown key '{key}'; {alias or did_you_mean(key, valid)}"
+        if loc[-1] in aliases.ELSEWHERE:
+            msg = f"'{key}' is not a recipe field: {aliases.ELSEWHERE[loc[-1]]}"
     else:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"

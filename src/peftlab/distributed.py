@@ -46,7 +46,7 @@ def ranks() -> Ranks:
 
 def checked_strategy(value: str, source: str) -> str:
     if value not in STRATEGIES:
-        raise PeftlabError(f"{source} {value!r}: unknown strategy; valid: {', '.join(STRATEGIES)}")
+        raise PeftlabError(f"{source} {value!r}: unknown strategy; fix: use one of {', '.join(STRATEGIES)}")
     return value
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ class Registry:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A connection to a healthy index: created, migrated or rebuilt from the folders as needed."""
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        if not self.runs_dir.is_dir():
+            self.runs_dir.mkdir(parents=True)
         try:
             try:
                 conn = self._open()
@@ -118,8 +120,14 @@ class Registry:
             raise PeftlabError(f"run index '{self.path}' not usable ({exc}); fix: make the runs folder writable, "
                                "or delete the file (it is rebuilt from the run folders)") from None
 
+    def _writable(self) -> bool:
+        return os.access(self.runs_dir, os.W_OK) and (not self.path.exists() or os.access(self.path, os.W_OK))
+
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        # A read-only runs folder (an archive, a shared mount) is listed from an index built in memory: the folders
+        # are the record, the file only a cache.
+        where = self.path if self._writable() else ":memory:"
+        conn = sqlite3.connect(where, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")

@@ -161,18 +161,24 @@ def _evaluator(job: TrainJob) -> Any:
 
     @cache
     def build() -> Any:
+        from transformers import PrinterCallback
+
         if job.loss_kind == "causal_lm":
             from trl import SFTTrainer
 
-            return SFTTrainer(model=job.model, args=sft_config(t, job.seed, job.checkpoints, job.precision, job.max_length),
-                              train_dataset=job.train_dataset, eval_dataset=job.eval_dataset,
-                              processing_class=job.tokenizer)
-        from transformers import Trainer, TrainingArguments
+            trainer = SFTTrainer(model=job.model, args=sft_config(t, job.seed, job.checkpoints, job.precision,
+                                                                  job.max_length),
+                                 train_dataset=job.train_dataset, eval_dataset=job.eval_dataset,
+                                 processing_class=job.tokenizer)
+        else:
+            from transformers import Trainer, TrainingArguments
 
-        return Trainer(model=job.model, args=TrainingArguments(**trainer_arguments(t, job.seed, job.checkpoints,
-                                                                                   job.precision)),
-                       eval_dataset=job.eval_dataset, data_collator=job.collator, compute_metrics=job.compute_metrics,
-                       processing_class=job.tokenizer)
+            trainer = Trainer(model=job.model, args=TrainingArguments(**trainer_arguments(t, job.seed, job.checkpoints,
+                                                                                          job.precision)),
+                              eval_dataset=job.eval_dataset, data_collator=job.collator,
+                              compute_metrics=job.compute_metrics, processing_class=job.tokenizer)
+        trainer.remove_callback(PrinterCallback)  # the hooks record and print the evaluations, as for the hf engine
+        return trainer
 
     return build
 
