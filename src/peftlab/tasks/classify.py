@@ -28,7 +28,6 @@ from peftlab.engines.optimizers import resolve_optimizer
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.models import adapt, loader
 from peftlab.models.base import trained_base
-from peftlab.models.precision import DTYPES
 from peftlab.runs import RunDir, atomic_write_json
 from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
@@ -70,21 +69,15 @@ def build(recipe: Recipe) -> ClassifySetup:
     if data.eval is None and (recipe.train.eval_steps or recipe.train.best_metric):
         raise PeftlabError("train.eval_steps / train.best_metric need a validation set, and data.eval_fraction is 0; "
                            "fix: set data.eval_fraction > 0, or train.eval_steps=null and train.best_metric=null")
-    model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation, data.labels, tokenizer.pad_token_id)
+    model, notes = _load_adapted_model(recipe, data.labels, tokenizer.pad_token_id)
     notes += loader.tokenizer_notes(recipe.model)
     notes += _speed_notes(recipe)
     return ClassifySetup(model, tokenizer, data, context, adapt.count_params(model), notes)
 
 
-def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str, labels: list[str],
-                        pad_token_id: int) -> tuple[Any, list[str]]:
-    quant = None
-    if recipe.method.name == "qlora":
-        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype, shards_weights=shards_weights())
-    model = loader.load_sequence_classifier(recipe.model, dtype, attn, labels, pad_token_id, quant, shards_weights())
-    notes = []
-    if quant is not None:
-        notes += adapt.prepare_kbit(model, recipe.method.quant.kbit_prep, recipe.train.gradient_checkpointing)
+def _load_adapted_model(recipe: Recipe, labels: list[str], pad_token_id: int) -> tuple[Any, list[str]]:
+    model, notes = trained_base(recipe, loader.load_sequence_classifier, shards_weights=shards_weights(), labels=labels,
+                                pad_token_id=pad_token_id)
     model = adapt.apply_lora(model, recipe.method.lora, task_type="SEQ_CLS")
     head = trainable_head(model)
     # Mixed precision keeps fp32 master weights: an fp16 trainable tensor fails in the GradScaler
@@ -265,7 +258,6 @@ def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
     the label names in config.json, + the run's tokenizer."""
     from transformers import AutoTokenizer
 
-    from peftlab.models.base import trained_base
     from peftlab.models.merge import merged_model
 
     labels, tokenizer = saved_labels(run), AutoTokenizer.from_pretrained(run.adapter_path)

@@ -24,7 +24,6 @@ from peftlab.engines import EngineResult, TrainJob
 from peftlab.models import adapt, loader
 from peftlab.models.base import trained_base
 from peftlab.models.memory import GIB, estimate_memory
-from peftlab.models.precision import DTYPES
 from peftlab.runs import RunDir, atomic_write_text
 from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
@@ -59,20 +58,14 @@ def build(recipe: Recipe, data: bool = True) -> SftSetup:
     # The data sets the chat template on the tokenizer (saved with the adapter) for conversation formats.
     instruction_data, data_format, data_notes = build_sft_data(recipe.data, tokenizer, recipe.seed) if data else (
         None, None, [])
-    model, notes = _load_adapted_model(recipe, DTYPES[context.precision], context.attn_implementation)
+    model, notes = _load_adapted_model(recipe)
     model.config.pad_token_id = tokenizer.pad_token_id
     notes += loader.tokenizer_notes(recipe.model) + data_notes
     return SftSetup(model, tokenizer, instruction_data, context, adapt.count_params(model), notes, data_format)
 
 
-def _load_adapted_model(recipe: Recipe, dtype: torch.dtype, attn: str) -> tuple[Any, list[str]]:
-    quant = None
-    if recipe.method.name == "qlora":
-        quant = adapt.bnb_quantization_config(recipe.method.quant, compute_dtype=dtype, shards_weights=shards_weights())
-    model = loader.load_causal_lm(recipe.model, dtype, attn, quant, shards_weights())
-    notes = []
-    if quant is not None:
-        notes += adapt.prepare_kbit(model, recipe.method.quant.kbit_prep, recipe.train.gradient_checkpointing)
+def _load_adapted_model(recipe: Recipe) -> tuple[Any, list[str]]:
+    model, notes = trained_base(recipe, loader.load_causal_lm, shards_weights=shards_weights())
     return adapt.apply_lora(model, recipe.method.lora), notes
 
 
@@ -174,7 +167,6 @@ def export(run: RunDir, recipe: Recipe, folder: Path) -> Exported:
     """The adapter merged into the base it was trained on (dequantised for qlora) + the run's tokenizer."""
     from transformers import AutoTokenizer
 
-    from peftlab.models.base import trained_base
     from peftlab.models.merge import merged_model
 
     loader.refuse_pickled_weights(run.adapter_path, recipe.model.allow_pickle, "adapter")
