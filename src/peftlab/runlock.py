@@ -20,6 +20,7 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -164,3 +165,14 @@ def dead_reason(folder: Path, summary: dict[str, Any]) -> str:
     return (f"{who} ended without recording how the run ended (killed: SIGKILL, the out-of-memory killer, "
             f"a reboot or a full disk); fix: `peftlab train --resume {folder}` continues from its last complete "
             "checkpoint, or --overwrite starts it again")
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Held by one process of this machine at a time; the others wait (flock: freed if its holder dies)."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

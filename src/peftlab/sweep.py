@@ -12,7 +12,6 @@ best parameters and evaluates on the test set. `--gpus N` starts N workers on on
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import math
 import os
@@ -20,8 +19,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from peftlab.config import Recipe, SearchParam, with_overrides
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.metrics import lower_is_better
 from peftlab.registry import index_run
+from peftlab.runlock import exclusive
 from peftlab.runner import run_recipe
 from peftlab.runs import RunDir, atomic_write_json, sanitize_name
 from peftlab.tasks import get_task
@@ -262,17 +260,6 @@ def run_sweep(recipe: Recipe, runs_dir: Path, trials: int | None = None, study_n
         with exclusive(folder / ".final.lock"):  # workers started with --final retrain once: the others reuse it
             final_run = run_final(recipe, best_trial(study), folder, show_progress)
     return SweepResult(study, folder, best_run, final_run)
-
-
-@contextmanager
-def exclusive(lock: Path) -> Iterator[None]:
-    """Held by one process of this machine at a time; the others wait (flock: freed if its holder dies)."""
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def worker_commands(argv: list[str], workers: int, trials: int, url: str, study: str) -> list[list[str]]:

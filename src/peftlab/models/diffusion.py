@@ -110,7 +110,8 @@ def preset_folder(name: str) -> Path:
     preset = get_preset(name)
     digest = presets.config_digest(preset.unet, preset.vae, preset.text, preset.tokenizer, SD15_SCHEDULER)
     folder = presets.cache_root() / "presets" / f"{preset.name}-{digest}-seed{presets.PRESET_SEED}"
-    return presets.build_once(folder, lambda tmp: _write_preset(preset, tmp), marker="model_index.json")
+    complete = ("model_index.json", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors")
+    return presets.build_once(folder, lambda tmp: _write_preset(preset, tmp), complete)
 
 
 def _write_preset(preset: DiffusionPreset, folder: Path) -> None:
@@ -127,7 +128,8 @@ def _write_preset(preset: DiffusionPreset, folder: Path) -> None:
             unet=UNet2DConditionModel(**preset.unet), scheduler=PNDMScheduler(**SD15_SCHEDULER),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-    pipeline.save_pretrained(folder)
+    with presets.saved_on_any_rank(pipeline.text_encoder):
+        pipeline.save_pretrained(folder)
 
 
 def describe_source(cfg: ModelConfig) -> str:

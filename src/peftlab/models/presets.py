@@ -15,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,8 +25,11 @@ from typing import Any
 import torch
 
 from peftlab.errors import PeftlabError, did_you_mean
+from peftlab.runlock import exclusive
 
 PRESET_SEED = 1234
+# What a complete causal-LM preset folder holds: the config and its weights (one file, or shards with an index).
+WEIGHTS = ("config.json", "model*.safetensors", "tokenizer.json")
 
 # google/gemma-2-2b config.json, architecture fields.
 GEMMA2_2B: dict[str, Any] = dict(
@@ -109,7 +113,7 @@ def preset_checkpoint(name: str, dtype: torch.dtype) -> Path:
     preset = get_preset(name)
     digest = config_digest(preset.config, preset.tokenizer)
     folder = cache_root() / "presets" / f"{name}-{digest}-seed{PRESET_SEED}-{str(dtype).removeprefix('torch.')}"
-    if (folder / "config.json").exists():
+    if _is_complete(folder, WEIGHTS):
         return folder
     config_kwargs = dict(preset.config)
     config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
@@ -120,10 +124,11 @@ def preset_checkpoint(name: str, dtype: torch.dtype) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        with saved_on_any_rank(model):
+            model.save_pretrained(tmp)
         bundled_tokenizer(preset.tokenizer).save_pretrained(tmp)
 
-    return build_once(folder, write)
+    return build_once(folder, write, complete=WEIGHTS)
 
 
 def config_digest(*parts: Any) -> str:
@@ -131,23 +136,54 @@ def config_digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def build_once(folder: Path, write: Callable[[Path], None], marker: str = "config.json") -> Path:
-    """`folder`, filled by `write(tmp)` in a temporary sibling and renamed into place: readers never see half a
-    checkpoint, and concurrent builders are harmless."""
-    if (folder / marker).exists():
+def build_once(folder: Path, write: Callable[[Path], None], complete: tuple[str, ...] = ("config.json",)) -> Path:
+    """`folder`, filled once by `write(tmp)` in a temporary sibling and renamed into place whole.
+
+    `complete`: files (glob patterns) a finished folder holds. Builders take a lock beside the folder (several ranks,
+    or runs of several users of one cache, start at once): one writes, the others wait and reuse its folder. A
+    folder missing one of them (left by an older peftlab's race) is set aside and built again; a `write` that
+    leaves one out is an error, never a cache entry.
+    Errors: PeftlabError when `write` produced an incomplete folder."""
+    if _is_complete(folder, complete):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process won the race; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    with exclusive(folder.parent / f".{folder.name}.lock"):
+        if _is_complete(folder, complete):  # built by the holder we waited for
+            return folder
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            write(tmp)
+            if not _is_complete(tmp, complete):
+                raise PeftlabError(f"{folder}: the preset's files were not all written (want {', '.join(complete)}; "
+                                   f"got {', '.join(sorted(p.name for p in tmp.iterdir())) or 'none'}); fix: report it, "
+                                   f"and delete {folder.parent} to rebuild")
+            if folder.exists():  # incomplete: move it out of the way in one rename, then drop it
+                stale = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-stale-"))
+                folder.rename(stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
+
+
+def _is_complete(folder: Path, files: tuple[str, ...]) -> bool:
+    return folder.is_dir() and all(any(folder.glob(pattern)) for pattern in files)
+
+
+@contextmanager
+def saved_on_any_rank(*models: Any) -> Iterator[None]:
+    """transformers writes weights on global rank 0 only once a process group exists (`should_save_on_this_rank`):
+    a cache built by another rank (the first rank of a second machine, or rank 1 winning the lock) would hold a
+    config without weights. A preset is the same on every rank, so whoever builds it writes all of it."""
+    for model in models:
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        for model in models:
+            vars(model).pop("should_save_on_this_rank", None)
 
 
 def bundled_tokenizer(name: str):
