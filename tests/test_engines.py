@@ -14,9 +14,9 @@ from peftlab.engines.hooks import TrainingHooks
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.runs import RunDir
 from peftlab.tracking import start_trackers
-from peftlab.watch.console import Progress
 from peftlab.watch.guard import Divergence, HealthGuard, RunContext
 from peftlab.watch.monitor import BatchCounter
+from peftlab.watch.progress import Progress
 
 
 class Refusing:

@@ -38,3 +38,13 @@ def test_matrix_runs_lora_and_qlora_and_compares_them(cli, fast_sets, runs_dir, 
     assert any("m-qlora" in line and "completed" in line for line in table)
     assert any(re.search(r"m-qlora vs m-lora: \d+\.\d+x (faster|slower), \d+\.\d% (more|less) memory", line)
                for line in lines)
+    # issue 14 item 5: run n/N with the overall ETA, and every long phase of each run shows its progress
+    runs = [line for line in lines if line.startswith("[run ")]
+    assert len(runs) == 2 and runs[0] == "[run 1/2] m-lora  elapsed 0s  overall eta n/a"
+    assert re.fullmatch(r"\[run 2/2\] m-qlora  elapsed \d+s  overall eta \d+s", runs[1]), runs
+    assert re.fullmatch(r"\[runs\] 2/2 in \S+", next(line for line in lines if line.startswith("[runs]")))
+    for done in ("tokenizing: done in", "loading the model preset:tiny-gemma2: done in", "train: done in",
+                 "evaluating on validation: done in", "generating samples: done in"):
+        assert sum(line.startswith(done) for line in lines) == 2, done  # once per run
+    assert sum(line == "train 0/2 ..." for line in lines) == 2
+    assert not any("\x1b" in line for line in lines)  # not a terminal: plain lines, no ANSI

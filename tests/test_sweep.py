@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,6 +50,14 @@ def test_two_trials_a_best_trial_and_a_final_run_on_test_then_resume(tiny_classi
                                       "data.max_samples": 160}.items() for a in ("--set", f"{k}={v}")])
     assert code == 0, lines
     assert (folder / "trial-002" / "summary.json").is_file()  # numbering continues in the stored study
+    # issue 14 item 5: trial n/N of this call with the overall ETA; the classify phases show progress
+    trial_lines = [line for line in lines if line.startswith("[trial ")]
+    assert len(trial_lines) == 1, trial_lines
+    assert re.fullmatch(r"\[trial 1/1\] trial-002: train\.lr=\S+, train\.batch_size=\d+  elapsed \S+  overall eta n/a",
+                        trial_lines[0]), trial_lines
+    for done in ("tokenizing train: done in", "tokenizing validation: done in", "evaluating on validation: done in",
+                 "[trials] 1/1 in"):
+        assert any(line.startswith(done) for line in lines), done
     assert len(json.loads((folder / "sweep.json").read_text())["trials"]) == 3
 
 

@@ -8,6 +8,7 @@ from peftlab.config import Recipe, with_overrides
 from peftlab.errors import PeftlabError
 from peftlab.runner import run_recipe
 from peftlab.runs import RunDir
+from peftlab.watch.progress import Countdown
 
 METHODS = ("lora", "qlora")
 
@@ -22,9 +23,12 @@ def parse_methods(text: str) -> list[str]:
 
 def run_matrix(recipe: Recipe, methods: list[str], runs_dir: Path, prefix: str, overwrite: bool = False,
                show_progress: bool = True) -> list[RunDir]:
-    """Identical settings, one run per method, named PREFIX-METHOD."""
+    """Identical settings, one run per method, named PREFIX-METHOD; a `[run n/N]` line with the overall ETA before each."""
     runs = []
+    countdown = Countdown("run", len(methods))
     for method in methods:
         variant = with_overrides(recipe, {"method.name": method})
+        countdown.next(f"{prefix}-{method}")
         runs.append(run_recipe(variant, runs_dir, f"{prefix}-{method}", overwrite=overwrite, show_progress=show_progress))
+    countdown.finish()
     return runs

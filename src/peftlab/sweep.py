@@ -33,6 +33,7 @@ from peftlab.runner import run_recipe
 from peftlab.runs import RunDir, atomic_write_json, sanitize_name
 from peftlab.tasks import get_task
 from peftlab.watch.console import print_table, say
+from peftlab.watch.progress import Countdown
 
 STUDY_DB = "study.db"
 RESULTS_FILE = "sweep.json"
@@ -206,7 +207,8 @@ def trial_recipe(recipe: Recipe, params: dict[str, Any]) -> Recipe:
     return with_overrides(recipe, {**params, **get_task(recipe.task).trial_overrides(recipe)})
 
 
-def objective(recipe: Recipe, folder: Path, show_progress: bool) -> Any:
+def objective(recipe: Recipe, folder: Path, show_progress: bool, countdown: Countdown) -> Any:
+    """The Optuna objective: one trial = one run folder; `countdown` shows trial n/N of this call with the overall ETA."""
     import optuna
 
     metric = objective_metric(recipe)
@@ -215,7 +217,7 @@ def objective(recipe: Recipe, folder: Path, show_progress: bool) -> Any:
         params = sample(trial, recipe.sweep.space)
         name = f"trial-{trial.number:03d}"
         trial.set_user_attr("run", name)
-        say(f"--- {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
+        countdown.next(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
         pruning = PruningCallback(trial, metric)
         run = run_recipe(trial_recipe(recipe, params), folder, name, show_progress=show_progress, listeners=[pruning])
         sweep_info = {"study": folder.name, "trial": trial.number, "params": params, "objective": metric}
@@ -248,7 +250,9 @@ def run_sweep(recipe: Recipe, runs_dir: Path, trials: int | None = None, study_n
     n = recipe.sweep.trials if trials is None else trials
     say(f"study '{name}': {n} trial(s), {direction(recipe)} {objective_metric(recipe)}; folder {folder}")
     # A trial stopped by the health guard (NaN loss at a high lr) is a failed trial, not a failed sweep.
-    study.optimize(objective(recipe, folder, show_progress), n_trials=n, catch=(GuardFailure,))
+    countdown = Countdown("trial", n)
+    study.optimize(objective(recipe, folder, show_progress, countdown), n_trials=n, catch=(GuardFailure,))
+    countdown.finish()
     best = best_trial(study)
     write_results(study, folder, recipe, storage_url)
     show_trials(study, recipe)

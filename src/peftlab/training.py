@@ -21,9 +21,10 @@ from peftlab.runs import RunDir
 from peftlab.secrets import redact_recipe
 from peftlab.tasks import Prepared, Task, get_task
 from peftlab.tracking import start_trackers
-from peftlab.watch.console import Progress, say
+from peftlab.watch.console import say
 from peftlab.watch.guard import guard_for
 from peftlab.watch.memory import memory_kind, peak_memory_all_ranks, reset_peak_memory
+from peftlab.watch.progress import Progress
 
 
 def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
@@ -46,6 +47,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     try:
         return _train_and_finish(task, run, prepared, engine, hooks, resume_from)
     finally:
+        hooks.progress.cancel()  # a loop stopped by an error (the guard, Ctrl-C) leaves no live bar behind
         tracker.finish()
 
 

@@ -48,6 +48,7 @@ from peftlab.data.instructions import (
 )
 from peftlab.data.sources import load_table, map_columns
 from peftlab.errors import GuardFailure, PeftlabError
+from peftlab.watch.progress import phase
 
 # format -> (the fields that must all be there, every field of the format); the order breaks no ties: two
 # complete formats in one table are an error.
@@ -122,7 +123,8 @@ def build_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> tuple[Instruct
     chat = name != "prompt_completion" or isinstance(picked[0]["prompt"], list)
     template, train_template, notes = _templates(tokenizer, cfg, name, chat)
     try:
-        encoded = trl_prepare(picked, tokenizer, name, train_template)
+        with phase(f"tokenizing {len(picked)} rows (TRL, {name})"):  # TRL's map: no count to follow
+            encoded = trl_prepare(picked, tokenizer, name, train_template)
     except (TemplateError, RuntimeError, ValueError) as exc:
         raise _template_error(rows, tokenizer, train_template, cfg, exc) from None
     loss = LOSS[name] + ("" if chat else " + EOS")

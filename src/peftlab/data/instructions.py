@@ -14,6 +14,7 @@ from typing import Any
 from peftlab.config import DataConfig
 from peftlab.data.sources import load_table, map_columns
 from peftlab.errors import GuardFailure, PeftlabError
+from peftlab.watch.progress import phase
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "response")
@@ -131,7 +132,9 @@ def check_template_fits(cfg: DataConfig, tokenizer: Any) -> None:
 def build_instruction_data(cfg: DataConfig, tokenizer: Any, seed: int) -> InstructionData:
     check_template_fits(cfg, tokenizer)
     table = load_records(cfg, seed)
-    encoded = table.map(lambda row: encode(row, tokenizer, cfg), remove_columns=table.column_names)
+    with phase("tokenizing", total=len(table)) as progress:
+        encoded = table.map(lambda row: (progress.advance(), encode(row, tokenizer, cfg))[1],
+                            remove_columns=table.column_names)
     empty = sum(encoded["empty_response"])
     if empty == len(encoded):
         column = cfg.columns.get("response", "response")

@@ -24,6 +24,7 @@ from typing import Any
 from peftlab.config import DataConfig
 from peftlab.data.sources import file_format, load_table, map_columns
 from peftlab.errors import PeftlabError
+from peftlab.watch.progress import phase
 
 FIELDS = ("text", "label")
 # The label list a bundled source ships (Banking77's categories.json): it fixes the label ids.
@@ -68,8 +69,8 @@ def build_class_data(cfg: DataConfig, tokenizer: Any, seed: int) -> ClassData:
     check_classes(list(train["label"]), names, f"{cfg.source} (train part after the validation split)")
     test = load_test(cfg, names)
     label2id = {name: i for i, name in enumerate(names)}
-    train, evaluation, test = (encode(t, tokenizer, label2id, cfg.max_length) if t is not None else None
-                               for t in (train, evaluation, test))
+    train, evaluation, test = (encode(t, tokenizer, label2id, cfg.max_length, part) if t is not None else None
+                               for t, part in ((train, "train"), (evaluation, "validation"), (test, "test")))
     stats = _stats(train, evaluation, test, len(names), cfg.max_length)
     columns = ["input_ids", "attention_mask", "labels"]
     train, evaluation, test = (t.select_columns(columns) if t is not None else None for t in (train, evaluation, test))
@@ -208,12 +209,13 @@ def _is_local(source: str) -> bool:
     return not source.startswith("bundled:") and (file_format(Path(source)) is not None or Path(source).exists())
 
 
-def encode(table: Any, tokenizer: Any, label2id: dict[str, int], max_length: int) -> Any:
+def encode(table: Any, tokenizer: Any, label2id: dict[str, int], max_length: int, part: str = "rows") -> Any:
     """input_ids cut at max_length (padding happens per batch, in the collator), integer labels, and the
     untruncated length for the stats."""
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         ids = tokenizer(list(batch["text"]))["input_ids"]
+        progress.advance(by=len(ids))
         return {
             "input_ids": [x[:max_length] for x in ids],
             "attention_mask": [[1] * min(len(x), max_length) for x in ids],
@@ -221,7 +223,8 @@ def encode(table: Any, tokenizer: Any, label2id: dict[str, int], max_length: int
             "full_length": [len(x) for x in ids],
         }
 
-    return table.map(tokenize, batched=True, remove_columns=table.column_names)
+    with phase(f"tokenizing {part}", total=len(table)) as progress:
+        return table.map(tokenize, batched=True, remove_columns=table.column_names)
 
 
 def _stats(train: Any, evaluation: Any | None, test: Any | None, num_labels: int, max_length: int) -> ClassDataStats:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from peftlab.watch.epochs import EpochCallback
 from peftlab.watch.guard import check_batch_labels
 from peftlab.watch.memory import peak_memory
 from peftlab.watch.monitor import BatchCounter
+from peftlab.watch.progress import Progress, phase
 
 
 def trainer_arguments(t: TrainConfig, seed: int, output_dir: Path, precision: str) -> dict[str, Any]:
@@ -199,9 +200,31 @@ class HfEngine:
         return EngineResult(
             steps=state.global_step, epochs=round(state.epoch or 0.0, 4), runtime_s=hooks.runtime(),
             final_train_loss=history[-1]["loss"] if history else None, mean_train_loss=result.training_loss,
-            evaluate=lambda dataset, prefix: trainer.evaluate(dataset, metric_key_prefix=prefix),
-            predict=lambda dataset, prefix: _prediction(trainer.predict(dataset, metric_key_prefix=prefix)),
+            evaluate=lambda dataset, prefix: followed(trainer, dataset, prefix, trainer.evaluate),
+            predict=lambda dataset, prefix: _prediction(followed(trainer, dataset, prefix, trainer.predict)),
             fields=fields)
+
+
+class _PredictionSteps(TrainerCallback):
+    """Each evaluation batch, as one step of a progress phase (the Trainer's own tqdm is off: disable_tqdm)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.progress.advance()
+
+
+def followed(trainer: Trainer, dataset: Any, prefix: str, call: Callable[..., Any]) -> Any:
+    """`trainer.evaluate` or `.predict` on `dataset` after training, with n/N batches, elapsed and ETA shown."""
+    name = {"eval": "validation"}.get(prefix, prefix)
+    with phase(f"evaluating on {name}", total=len(trainer.get_eval_dataloader(dataset))) as progress:
+        callback = _PredictionSteps(progress)
+        trainer.add_callback(callback)
+        try:
+            return call(dataset, metric_key_prefix=prefix)
+        finally:
+            trainer.remove_callback(callback)
 
 
 def _prediction(output: Any) -> Prediction:

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 from peftlab.runs import RunDir
 from peftlab.tracking import Trackers
-from peftlab.watch.console import Progress
 from peftlab.watch.guard import HealthGuard
 from peftlab.watch.memory import current_memory
+from peftlab.watch.progress import Progress
 
 
 class Counter(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from peftlab.config import ModelConfig
 from peftlab.errors import PeftlabError
 from peftlab.models import presets
+from peftlab.watch.progress import phase
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,11 @@ def offline_error(cfg: ModelConfig, alternatives: str) -> PeftlabError:
 
 
 def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any) -> Any:
-    """Call a transformers loader, turning 'not cached and no hub' into a one-line answer."""
+    """Call a transformers loader, turning 'not cached and no hub' into a one-line answer. Loading weights and
+    converting a GGUF file (its tokenizer is rebuilt from the vocabulary: minutes for Gemma's 262k) show progress."""
     try:
-        return loader.from_pretrained(location, **kwargs)
+        with _loading_phase(loader, cfg, kwargs):
+            return loader.from_pretrained(location, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -131,6 +135,16 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any
         if os.path.isdir(location):
             raise PeftlabError(f"model.source '{cfg.source}': local folder is not loadable ({str(exc).splitlines()[0]})") from None
         raise offline_error(cfg, "use a .gguf file, or a random-init preset such as preset:gemma-2-2b / preset:tiny-gemma2") from None
+
+
+def _loading_phase(loader: Any, cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
+    """The progress phase of one from_pretrained call: weights and GGUF files take long, configs do not."""
+    gguf = "gguf_file" in kwargs
+    if loader.__name__ == "AutoConfig" or (loader.__name__ == "AutoTokenizer" and not gguf):
+        return contextlib.nullcontext()
+    if loader.__name__ == "AutoTokenizer":
+        return phase(f"converting the GGUF tokenizer of {cfg.source}")
+    return phase(f"loading the model {cfg.source}" + (" (GGUF, dequantized)" if gguf else ""))
 
 
 def load_model_config(cfg: ModelConfig) -> Any:

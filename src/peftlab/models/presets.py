@@ -26,6 +26,7 @@ import torch
 
 from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.runlock import exclusive
+from peftlab.watch.progress import phase
 
 PRESET_SEED = 1234
 # What a complete causal-LM preset folder holds: the config and its weights (one file, or shards with an index).
@@ -117,18 +118,19 @@ def preset_checkpoint(name: str, dtype: torch.dtype) -> Path:
         return folder
     config_kwargs = dict(preset.config)
     config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
-    # fork_rng: building the cache must not move the caller's RNG, or a run's LoRA init (and so its losses)
-    # would depend on whether the preset was already cached.
-    with torch.random.fork_rng(), torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2.6B random init is minutes on a CPU
-        torch.manual_seed(PRESET_SEED)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     def write(tmp: Path) -> None:
+        # fork_rng: building the cache must not move the caller's RNG, or a run's LoRA init (and so its losses)
+        # would depend on whether the preset was already cached.
+        with torch.random.fork_rng(), torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 2.6B random init is minutes on a CPU
+            torch.manual_seed(PRESET_SEED)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         with saved_on_any_rank(model):
             model.save_pretrained(tmp)
         bundled_tokenizer(preset.tokenizer).save_pretrained(tmp)
 
-    return build_once(folder, write, complete=WEIGHTS)
+    with phase(f"building the preset cache preset:{name} ({folder})"):
+        return build_once(folder, write, complete=WEIGHTS)
 
 
 def config_digest(*parts: Any) -> str:

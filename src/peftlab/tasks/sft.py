@@ -29,6 +29,7 @@ from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup, announce, run_context, save_adapter
 from peftlab.watch.console import say
 from peftlab.watch.guard import RunContext
+from peftlab.watch.progress import phase
 
 # Real data has a long tail (Dolly at the seed's 768 tokens: ~2% of prompts alone fill it, ~4% are cut):
 # a few such rows are normal, this many means max_length is wrong for the data.
@@ -133,12 +134,15 @@ def write_samples(run: RunDir, recipe: Recipe, model: Any, tokenizer: Any, style
     if not run.writer and not shards_weights():
         return
     rows = []
-    with root_unsharded(model):
+    total = len(recipe.eval.prompts) * (2 if recipe.eval.compare_base else 1)
+    with root_unsharded(model), phase("generating samples", total) as progress:
         for prompt in recipe.eval.prompts:
             row = {"prompt": prompt, "adapter": generate(model, tokenizer, prompt, recipe, style=style)}
+            progress.advance()
             if recipe.eval.compare_base:
                 with model.disable_adapter():
                     row["base"] = generate(model, tokenizer, prompt, recipe, style=style)
+                progress.advance()
             rows.append(row)
     if not run.writer:
         return

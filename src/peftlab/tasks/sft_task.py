@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from peftlab.tasks.base import Task, TaskView
+from peftlab.watch.progress import phase
 
 if TYPE_CHECKING:
     from peftlab.config import Recipe
@@ -35,6 +36,10 @@ class SftTask(Task):
         sft = self.implementation()
         model, tokenizer = sft.load_for_inference(run, recipe)
         style = run.summary().get("data_format", {}).get("prompt_style", "dolly")  # runs before it were dolly
-        return [line for text in prompts
-                for line in (f"> {text}", sft.generate(model, tokenizer, text, recipe, max_new_tokens, style))]
+        lines = []
+        with phase("generating", len(prompts)) as progress:
+            for text in prompts:
+                lines += [f"> {text}", sft.generate(model, tokenizer, text, recipe, max_new_tokens, style)]
+                progress.advance()
+        return lines
 

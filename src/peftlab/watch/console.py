@@ -1,4 +1,4 @@
-"""Console output that never crashes on a narrow encoding (gbk, cp1252, ascii), plus the progress bar.
+"""Console output that never crashes on a narrow encoding (gbk, cp1252, ascii); progress bars are in progress.py.
 
 One original run crashed after saving because the console could not encode a check mark. We write
 plain text, let rich fall back to ASCII bars when the stream is not UTF-8, and make stdout/stderr
@@ -13,8 +13,6 @@ from functools import lru_cache
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
 
 from peftlab.secrets import redact
 
@@ -68,48 +66,6 @@ def format_record(record: dict[str, Any]) -> str:
         f"grad_norm {_fmt(record.get('grad_norm'))}  lr {_fmt(record.get('lr'), '.3g')}  "
         f"{rate}  mem {_fmt(mem, '.2f')} GiB" + (f" (peak {_fmt(peak, '.2f')})" if peak is not None else "")
     )
-
-
-class Progress:
-    """A step progress bar with ETA; metric lines print above it."""
-
-    def __init__(self, description: str = "train", enabled: bool = True) -> None:
-        self.description, self.enabled = description, enabled
-        self._bar: RichProgress | None = None
-        self._task = None
-
-    def start(self, total: int, done: int = 0) -> None:
-        if not self.enabled:
-            return
-        self._bar = RichProgress(
-            TextColumn(self.description),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("elapsed"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console(),
-            transient=False,
-        )
-        self._bar.start()
-        self._task = self._bar.add_task(self.description, total=total, completed=done)
-
-    def advance(self, step: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step)
-
-    def log(self, record: dict[str, Any]) -> None:
-        line = redact(format_record(record))
-        if self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False)
-        else:
-            say(line)
-
-    def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
 
 
 def print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:

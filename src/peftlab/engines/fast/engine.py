@@ -73,8 +73,8 @@ class FastEngine:
         return EngineResult(
             steps=report.steps, epochs=round(report.steps / adapter.per_epoch, 4), runtime_s=hooks.runtime(),
             final_train_loss=adapter.final_loss, mean_train_loss=report.mean_loss,
-            evaluate=lambda dataset, prefix: evaluator().evaluate(dataset, metric_key_prefix=prefix),
-            predict=lambda dataset, prefix: _prediction(evaluator().predict(dataset, metric_key_prefix=prefix)),
+            evaluate=lambda dataset, prefix: _followed(evaluator(), dataset, prefix, "evaluate"),
+            predict=lambda dataset, prefix: _prediction(_followed(evaluator(), dataset, prefix, "predict")),
             fields={**report.as_summary(), **(adapter.epochs.peak_memory() if adapter.epochs else {})})
 
 
@@ -181,6 +181,12 @@ def _evaluator(job: TrainJob) -> Any:
         return trainer
 
     return build
+
+
+def _followed(trainer: Any, dataset: Any, prefix: str, method: str) -> Any:
+    from peftlab.engines.hf import followed  # trl: imported when evaluating, as _evaluator does
+
+    return followed(trainer, dataset, prefix, getattr(trainer, method))
 
 
 def _prediction(output: Any) -> Prediction:
