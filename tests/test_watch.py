@@ -98,3 +98,19 @@ def test_watch_command_exit_code_mirrors_the_run(make_run, runs_dir):
     assert done.returncode == 0 and "run completed" in done.stdout
     broke = subprocess.run([*cli, "broke"], capture_output=True, text=True, timeout=60)
     assert broke.returncode == 1 and "run failed: loss is NaN at step 10" in broke.stdout
+
+
+@pytest.mark.parametrize("unicode", [False, True])
+def test_status_line_keeps_step_rate_and_eta_at_60_columns(make_run, unicode):
+    """Issue 14 item 8: at 60 columns (and on an ASCII console) the line drops its decorations, never the ETA."""
+    records = [train_record(s, 3.0 - s / 50) for s in range(10, 60, 10)]
+    run = make_run("alpaca-gemma2-qlora-r64-long-experiment-name", {"status": "running", "max_steps": 100}, records)
+    wide = status_line(run, run.summary(), records, age_s=3.0, unicode=unicode, width=200)
+    assert run.name in wide and "last log 3s ago" in wide  # nothing dropped where it fits
+    rate = steps_per_second(records)
+    for width in (59, 40):
+        line = status_line(run, run.summary(), records, age_s=3.0, unicode=unicode, width=width)
+        assert len(line) <= width, line
+        assert "step 50/100 (50%)" in line and f"{rate:.3g} steps/s" in line and f"eta {int(round(50 / rate))}s" in line
+        assert line.isascii() or unicode
+    assert "loss 2" in status_line(run, run.summary(), records, age_s=3.0, unicode=unicode, width=100)  # before the name

@@ -100,27 +100,39 @@ def max_steps_of(run: RunDir, summary: dict[str, Any]) -> float | None:
 
 
 def status_line(run: RunDir, summary: dict[str, Any], train: list[dict[str, Any]], age_s: float | None,
-                unicode: bool) -> str:
+                unicode: bool, width: int | None = None) -> str:
+    """`name | status | step 50/100 (50%) | loss 1.2 sparkline | 0.5 steps/s | eta 1m40s | last log 3s ago`, fitted
+    to `width` columns: the sparkline shortens, then the last-log age, sparkline, run name, loss and status go, in
+    that order, so that step, steps/s and ETA stay on a 60-column terminal (a wrapped live line could not be redrawn)."""
     step = number(train[-1].get("step")) if train else None
     planned = max_steps_of(run, summary)
     rate = steps_per_second(train)
     eta = eta_seconds(step, planned, rate)
     losses = [v for r in train if (v := number(r.get("loss"))) is not None]
-    parts = [run.name, str(summary.get("status", "unknown"))]
-    if step is None:
-        parts.append("waiting for the first metrics")
-    else:
-        of = f"/{int(planned)} ({100 * step / planned:.0f}%)" if planned else ""
-        parts.append(f"step {int(step)}{of}")
-    if losses:
-        parts.append(f"loss {losses[-1]:.4g} {sparkline(losses, unicode=unicode)}")
-    if rate:
-        parts.append(f"{rate:.3g} steps/s")
-    if summary.get("status", "running") == "running":  # an ended run has no ETA, and its silence is expected
-        parts.append(f"eta {duration(eta)}" if eta is not None else "eta n/a")
-        if age_s is not None:
-            parts.append(f"last log {duration(age_s)} ago")  # a stale run shows here
-    return " | ".join(parts)
+    running = summary.get("status", "running") == "running"  # an ended run has no ETA, and its silence is expected
+    of = f"/{int(planned)} ({100 * step / planned:.0f}%)" if planned and step is not None else ""
+    fields = {
+        "name": run.name, "status": str(summary.get("status", "unknown")),
+        "step": "waiting for the first metrics" if step is None else f"step {int(step)}{of}",
+        "loss": f"loss {losses[-1]:.4g}" if losses else None,
+        "rate": f"{rate:.3g} steps/s" if rate else None,
+        "eta": (f"eta {duration(eta)}" if eta is not None else "eta n/a") if running else None,
+        "age": f"last log {duration(age_s)} ago" if running and age_s is not None else None,  # a stale run shows here
+    }
+
+    def render(dropped: tuple[str, ...], spark: int) -> str:
+        shown = {k: v for k, v in fields.items() if v is not None and k not in dropped}
+        if "loss" in shown and spark:
+            shown["loss"] += " " + sparkline(losses, spark, unicode)
+        return " | ".join(shown.values())
+
+    tries = [((), SPARK_WIDTH), ((), 10), (("age",), 10), (("age",), 0), (("age", "name"), 0),
+             (("age", "name", "loss"), 0), (("age", "name", "loss", "status"), 0)]
+    for dropped, spark in tries:
+        line = render(dropped, spark)
+        if width is None or len(line) <= width:
+            return line
+    return line
 
 
 def _read_summary(run: RunDir, previous: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +163,7 @@ def follow(run: RunDir, interval: float = 2.0, sleep: Callable[[float], None] = 
                 if record.get("kind", "train") == "train":
                     train.append(record)
             age = time.time() - run.metrics_path.stat().st_mtime if run.metrics_path.exists() else None
-            line = status_line(run, summary, list(train), age, unicode)
+            line = status_line(run, summary, list(train), age, unicode, live.console.width - 1)
             live.update(Text(line), refresh=True)
             if summary.get("status", "running") != "running":
                 break
