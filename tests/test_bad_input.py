@@ -1,5 +1,6 @@
 """Every bad input, through the real `peftlab` entry point: one line naming the field/file, what was
-found and a fix, exit code 2, and never a run folder that looks complete."""
+found and a fix, exit code 2, and never a run folder that looks complete: a run refused before its first step
+leaves no folder at all (it would only block the corrected rerun under the same --name)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ def one_line_error(code: int, lines: list[str], *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def refused_run(cli, runs_dir: Path, name: str, fast_sets: list[str]) -> None:
+    """No folder, not in `peftlab runs`, and the same --name starts afresh once the input is fixed."""
+    assert not (runs_dir / name).exists()
+    code, lines = cli("runs", "--runs-dir", str(runs_dir), "--json")
+    assert code == 0 and json.loads("\n".join(lines)) == []
+    code, lines = cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", "train.max_steps=1", "--runs-dir",
+                      str(runs_dir), "--name", name)
+    assert code == 0 and RunDir(runs_dir / name).summary()["status"] == "completed", lines[-3:]
 
 
 def failed_run(runs_dir: Path, name: str, reason: str = "bad input") -> dict:
@@ -65,16 +76,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         ("missing", ("data.source", "not found", "fix:")),
         ("columns", ("column 'instruction'", "columns found: question, answer", "data.columns.instruction")),
         ("empty", ("holds no rows", "fix:")),
+        ("blank", ("blank.jsonl': the file holds no rows; fix:",)),  # blank lines: ours, not datasets' message
         ("split", ("data.eval_fraction", "leaves no training rows", "fix:")),
     ],
 )
 def test_data_files(cli, runs_dir, fast_sets, tmp_path, case, needles):
     rows = {"columns": [{"question": "q", "answer": "a"}] * 3, "empty": [], "split": [{"instruction": "i", "response": "r"}]}
-    source = tmp_path / "absent.jsonl" if case == "missing" else write_jsonl(tmp_path / f"{case}.jsonl", rows[case])
+    source = tmp_path / "absent.jsonl" if case == "missing" else write_jsonl(tmp_path / f"{case}.jsonl", rows.get(case, []))
+    if case == "blank":
+        source.write_text("\n  \n\n")
     sets = ["--set", f"data.source={source}", "--set", "data.eval_fraction=0.5"]
-    error = one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, *sets, "--runs-dir", str(runs_dir), "--name", case),
-                           *needles)
-    assert failed_run(runs_dir, case)["diagnosis"] == error.removeprefix("error: ")
+    one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, *sets, "--runs-dir", str(runs_dir), "--name", case),
+                   *needles)
+    assert not (runs_dir / case).exists()
+    if case == "columns":  # once: the corrected rerun under the same name
+        refused_run(cli, runs_dir, case, fast_sets)
 
 
 def test_target_modules_that_match_nothing_list_the_linear_layers(cli, runs_dir, fast_sets):
@@ -83,20 +99,20 @@ def test_target_modules_that_match_nothing_list_the_linear_layers(cli, runs_dir,
                            "method.lora.target_modules", "['qkv']")
     for layer in ("q_proj", "k_proj", "down_proj"):
         assert layer in error
-    failed_run(runs_dir, "t")
+    assert not (runs_dir / "t").exists()
 
 
 def test_qlora_without_bitsandbytes(cli, runs_dir, fast_sets, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", "method.name=qlora", "--runs-dir", str(runs_dir),
                         "--name", "q"), "method.name", "bitsandbytes", "method.name=lora")
-    failed_run(runs_dir, "q")
+    assert not (runs_dir / "q").exists()
 
 
 def test_max_length_shorter_than_the_prompt_template(cli, runs_dir, fast_sets):
     one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", "data.max_length=6", "--runs-dir", str(runs_dir),
                         "--name", "m"), "data.max_length: 6", "prompt template", "fix:")
-    failed_run(runs_dir, "m")
+    assert not (runs_dir / "m").exists()
 
 
 def test_output_folder_holding_another_run_is_left_alone(cli, runs_dir, tiny_recipe):
@@ -172,3 +188,31 @@ def test_malformed_image_captions_name_the_line(tmp_path):
     (folder / "metadata.jsonl").write_text('{"file_name": "1.png", "text": "ok"}\n{"file_name": "1.png" "text": "x"}\n')
     with pytest.raises(PeftlabError, match=r"metadata\.jsonl: line 2, column .*Expecting ','"):
         load_image_table(DataConfig(source=str(folder)))
+
+
+def test_outputs_in_missing_folders_are_made_and_blocked_ones_are_one_line(cli, runs_dir, make_run, tmp_path):
+    """report -o, export -o and recipes copy PATH: parents are made (mkdir -p), a file in the way is one line."""
+    make_run("r1", {"runtime_s": 10.0})
+    out = tmp_path / "a" / "missing" / "dir" / "x.html"
+    code, lines = cli("report", "r1", "-o", str(out), "--runs-dir", str(runs_dir))
+    assert code == 0 and out.is_file(), lines
+    copied = tmp_path / "b" / "c" / "mine.yaml"
+    assert cli("recipes", "copy", "tiny-gemma2-dolly", str(copied))[0] == 0 and copied.is_file()
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    one_line_error(*cli("report", "r1", "-o", str(blocker / "x.html"), "--runs-dir", str(runs_dir)),
+                   f"-o {blocker / 'x.html'}: cannot write {blocker} (a file is in the way of a folder); fix:")
+    one_line_error(*cli("recipes", "copy", "tiny-gemma2-dolly", str(blocker / "x.yaml")),
+                   f"error: {blocker / 'x.yaml'}: cannot write {blocker} (a file is in the way of a folder); fix:")
+    one_line_error(*cli("export", "r1", "-o", str(blocker / "m"), "--runs-dir", str(runs_dir)),
+                   f"-o {blocker / 'm'}: cannot write {blocker} (a file is in the way of a folder); fix:")
+
+
+def test_a_run_shorter_than_one_logging_window_reports_its_last_loss(cli, runs_dir, fast_sets):
+    code, lines = cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", "train.max_steps=2", "--set",
+                      "train.logging_steps=5", "--runs-dir", str(runs_dir), "--name", "short")
+    assert code == 0, lines[-3:]
+    summary = RunDir(runs_dir / "short").summary()
+    records = [r for r in RunDir(runs_dir / "short").metrics() if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [2] and summary["final_train_loss"] == records[0]["loss"] > 0
+    assert lines[-1] == f"done: {runs_dir / 'short'} (loss {summary['final_train_loss']}, eval loss {summary['eval_loss']})"

@@ -44,9 +44,9 @@ def test_overrides_are_parsed_and_typed():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("train.lrr=1e-4", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
-    ("method.lora.rank=8", "unknown key 'method.lora.rank'; did you mean 'method.lora.r'?"),
-    ("trian.lr=1e-4", "unknown key 'trian'; did you mean 'train'?"),
+    ("train.lrr=1e-4", "unknown key 'train.lrr'; fix: did you mean 'train.lr'?"),
+    ("method.lora.rank=8", "unknown key 'method.lora.rank'; fix: did you mean 'method.lora.r'?"),
+    ("trian.lr=1e-4", "unknown key 'trian'; fix: did you mean 'train'?"),
     ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
     ("train.max_steps=1.5", "train.max_steps: Input should be a valid integer"),
     ("method.name=qlor", "method.name: Input should be 'lora' or 'qlora'"),
@@ -145,9 +145,9 @@ def test_aliases_in_a_yaml_file_and_our_name_from_set_wins(tmp_path):
 @pytest.mark.parametrize("data, expected", [
     ({"learning_rate": 1e-3, "train": {"lr": 2e-3}}, "'learning_rate' and 'train.lr' are the same field"),
     ({"bf16": False}, "bf16: only `bf16: true` has a meaning here"),
-    ({"train": {"learning_rat": 1}}, "unknown key 'train.learning_rat'; did you mean 'train.lr'? ('learning_rate'"),
+    ({"train": {"learning_rat": 1}}, "unknown key 'train.learning_rat'; fix: did you mean 'train.lr'? ('learning_rate'"),
     ({"gradient_accumulation_step": 2}, "did you mean 'train.grad_accum'? ('gradient_accumulation_steps'"),
-    ({"train": {"lrr": 1}}, "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    ({"train": {"lrr": 1}}, "unknown key 'train.lrr'; fix: did you mean 'train.lr'?"),
 ])
 def test_alias_conflicts_and_hints(data, expected):
     with pytest.raises(PeftlabError) as err:
@@ -175,3 +175,46 @@ def test_trainer_names_that_live_outside_the_recipe_say_where():
     with pytest.raises(PeftlabError) as err:
         validate_recipe({"output_dir": "out/hf1", "learning_rate": 1e-4})
     assert "'output_dir' is not a recipe field: the run folder is <--runs-dir>/<--name>; fix: " in str(err.value)
+    assert "fix: remove it and pass `--runs-dir out --name hf1`" in str(err.value)  # the folder HF would have used
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-gemma2-dolly", ["train.output_dir=out/hf1"])
+    assert str(err.value).startswith("--set train.output_dir=out/hf1: 'train.output_dir' is not a recipe field")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=abc", "--set train.lr=abc: train.lr: Input should be a valid number, unable to parse string as a number "
+                     "(got \"abc\"); fix: train.lr must be a valid number"),
+    ("learning_rate=abc", "--set learning_rate=abc: train.lr: Input should be a valid number"),  # an alias: its flag
+    ("method.name=qlor", "--set method.name=qlor: method.name: Input should be 'lora' or 'qlora' (got \"qlor\"); "
+                         "fix: method.name must be 'lora' or 'qlora'"),
+    ("train.lrr=1", "--set train.lrr=1: unknown key 'train.lrr'; fix: did you mean 'train.lr'?"),
+])
+def test_a_bad_set_names_the_flag_not_the_installed_recipe_file(override, expected):
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-gemma2-dolly", [override])
+    assert str(err.value).startswith(expected) and "recipes/tiny-gemma2-dolly.yaml" not in str(err.value)
+
+
+def test_a_bad_yaml_value_still_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  lr: abc\n")
+    with pytest.raises(PeftlabError) as err:
+        load_recipe(str(path), ["train.max_steps=3"])  # a --set elsewhere is not blamed
+    assert str(err.value).startswith(f"{path}: train.lr: Input should be a valid number")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["recipes", "show", "nope"], "error: recipe 'nope': not a built-in recipe; fix: use one of dialogpt-banking77, "),
+    (["runs", "--status", "foo"], "error: --status 'foo': unknown; fix: use one of completed, dead, failed, "),
+    (["runs", "--status", "complted"], "error: --status 'complted': unknown; fix: did you mean 'completed'?"),
+    (["train", "tiny-gemma2-dolly", "--name", "../x"], "error: --name '../x': a run name is one folder inside "
+                                                      "--runs-dir, not a path; fix: --name x"),
+    (["matrix", "tiny-gemma2-dolly", "--name", "a/b"], "error: --name 'a/b': a run name is one folder"),
+    (["sweep", "tiny-dialogpt-banking77", "--study", ".."], "error: --study '..': a run name is one folder"),
+])
+def test_unknown_names_and_paths_as_names_are_one_line_with_a_fix(cli, tmp_path, args, expected):
+    (tmp_path / "runs").mkdir()
+    code, lines = cli(*args, "--runs-dir", str(tmp_path / "runs")) if args[0] != "recipes" else cli(*args)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
+    assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")] == []  # no run, nowhere
+    assert not (tmp_path / "x").exists()

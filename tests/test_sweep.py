@@ -103,7 +103,7 @@ def test_unsweepable_recipes_are_one_line_errors(tiny_recipe, changes, message) 
 
 
 @pytest.mark.parametrize(("space", "message"), [
-    ({"train.lrr": {"type": "float", "low": 1, "high": 2}}, "'train.lrr' is not a recipe field to search; did you mean 'train.lr'"),
+    ({"train.lrr": {"type": "float", "low": 1, "high": 2}}, "'train.lrr' is not a recipe field to search; fix: did you mean 'train.lr'"),
     ({"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log=true needs low > 0"),
     ({"train.batch_size": {"type": "categorical"}}, "needs a non-empty 'choices' list"),
 ])

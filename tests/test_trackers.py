@@ -31,13 +31,16 @@ print("NOTES " + json.dumps(trackers.notes))
 """
 
 
-def track(tmp_path: Path, name: str) -> tuple[Path, list[str]]:
-    """One process per tracker: each reads its settings at import, as a real run's process does."""
+def track(tmp_path: Path, name: str, printed: list[str] | None = None) -> tuple[Path, list[str]]:
+    """One process per tracker: each reads its settings at import, as a real run's process does. `printed` receives
+    the process's stdout lines (its exit included: atexit hooks print too)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": ":".join(sys.path)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "runs"), name, json.dumps(LOSSES)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     notes = [line for line in proc.stdout.splitlines() if line.startswith("NOTES ")]
+    if printed is not None:
+        printed += proc.stdout.splitlines()
     return tmp_path / "runs" / "tracked", json.loads(notes[-1].removeprefix("NOTES "))
 
 
@@ -65,8 +68,11 @@ def test_mlflow_database_holds_the_losses_and_the_recipe(tmp_path):
 
 def test_trackio_database_holds_the_losses(tmp_path):
     pytest.importorskip("trackio")
-    run, notes = track(tmp_path, "trackio")
+    printed: list[str] = []
+    run, notes = track(tmp_path, "trackio", printed)
     assert "trackio (offline)" in notes[0]
+    # trackio's own banners (ANSI-coloured "View dashboard" lines, "Run finished" twice) stay out of our output
+    assert [line for line in printed if line.strip()] == [f"NOTES {json.dumps(notes)}"], printed
     with sqlite3.connect(run / "trackio" / "peftlab.db") as db:
         rows = db.execute("select step, metrics from metrics order by step").fetchall()
     assert [(step, round(json.loads(m)["train/loss"], 4)) for step, m in rows if "train/loss" in json.loads(m)] == list(enumerate(LOSSES, 1))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -95,9 +98,9 @@ def copy_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")
 
     if path.exists() and not force:
         raise PeftlabError(f"{path}: already exists; fix: choose another path, or --force to replace it")
-    if path.parent and not path.parent.is_dir():
-        raise PeftlabError(f"{path.parent}: no such folder; fix: create it first, or choose another path")
-    atomic_write_text(path, builtin_recipe_text(name))
+    text = builtin_recipe_text(name)
+    with writing_output(path, ""):
+        atomic_write_text(path, text)
     say(f"wrote {path}; edit it, then: peftlab train {path}")
 
 
@@ -119,7 +122,9 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
     from peftlab.config import load_recipe
     from peftlab.distributed import Nodes, checked_strategy, ranks
     from peftlab.runner import default_run_name, resume_run, run_recipe
+    from peftlab.runs import check_name
 
+    check_name(name, "--name")
     quiet_libraries()
     checked_strategy(strategy, "--strategy")  # a typo is refused even where it would not be used (one process)
     nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_id)
@@ -193,8 +198,10 @@ def sweep(recipe: RecipeArg,
           gpus: Annotated[int, typer.Option(min=1, help="workers on one study, one per GPU (CPU-only: processes)")] = 1) -> None:
     """Optuna search over the recipe's sweep.space: one run folder per trial, pruning, plots, --final on test."""
     from peftlab.config import load_recipe
+    from peftlab.runs import check_name
     from peftlab.sweep import run_sweep, run_workers
 
+    check_name(study, "--study")
     quiet_libraries()
     if baseline and not final:
         raise PeftlabError("--baseline compares the final run; fix: add --final")
@@ -221,8 +228,9 @@ def matrix(recipe: RecipeArg, methods: Annotated[str, typer.Option(help="comma-s
     """Run one recipe under several methods with identical settings, then compare them."""
     from peftlab.config import load_recipe
     from peftlab.matrix import parse_methods, run_matrix
-    from peftlab.runs import sanitize_name
+    from peftlab.runs import check_name, sanitize_name
 
+    check_name(name, "--name")
     quiet_libraries()
     loaded = load_recipe(recipe, set_)
     prefix = name or loaded.name
@@ -277,10 +285,28 @@ def show_comparison(runs, baseline=None, fmt: str = "table") -> None:
     print_comparison(compare_runs(runs, baseline), fmt)
 
 
+@contextmanager
+def writing_output(path: Path, option: str) -> Iterator[None]:
+    """An output the user named (-o, PATH): missing parent folders are made, as `mkdir -p` would, by every verb
+    alike; a path that cannot be written (a file where a folder should be, no permission, a full disk) is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        where = Path(exc.filename or path.parent)
+        if not where.absolute().is_relative_to(path.parent.absolute()):  # not a write of this output
+            raise
+        why = ("a file is in the way of a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
+               else exc.strerror or exc.__class__.__name__)
+        raise PeftlabError(f"{option} {path}".strip() + f": cannot write {where} ({why}); "
+                           "fix: choose a path in a folder you can write to") from None
+
+
 def show_report(runs, out: Path, baseline=None) -> None:
     from peftlab.report.html import plots_dir, write_report
 
-    path = write_report(runs, out, baseline)
+    with writing_output(out, "-o"):
+        path = write_report(runs, out, baseline)
     say(f"report: {path} (plots as PNG in {plots_dir(path)})")
 
 
@@ -381,7 +407,8 @@ def export(run: Annotated[str, typer.Argument(help="run folder or name")],
 
     folder = open_run(run, runs_dir)
     out = out or folder.path.parent / f"{folder.name}-merged"
-    exported = export_run(folder, load_recipe(str(folder.config_path)), out)
+    with writing_output(out, "-o"):
+        exported = export_run(folder, load_recipe(str(folder.config_path)), out)
     for line in describe(folder, out, exported):
         say(line)
     if push:

@@ -384,19 +384,22 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     data = _read_yaml(path)
     if isinstance(data, dict):  # aliases first, so that a --set of our name replaces the YAML's alias
         aliases.normalize(data, _is_field, str(path))
-    for item in overrides or []:
-        _apply_override(data, item)
-    return validate_recipe(data, origin=str(path))
+    set_by = {tuple(_apply_override(data, item)): item for item in overrides or []}
+    return validate_recipe(data, origin=str(path), set_by=set_by)
 
 
-def validate_recipe(data: Any, origin: str = "recipe") -> Recipe:
+def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, ...], str] | None = None) -> Recipe:
+    """`data` as a Recipe. Errors: one PeftlabError line naming `origin` (the YAML file), or the `--set KEY=VALUE`
+    in `set_by` (dotted key parts -> the flag's text) whose key the first problem is at or under."""
     if not isinstance(data, dict):
         raise PeftlabError(f"{origin}: a recipe must be a YAML mapping, found {type(data).__name__}; fix: start from `peftlab recipes`")
     aliases.normalize(data, _is_field, origin)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise PeftlabError(f"{origin}: {_describe(exc)}") from None
+        loc = tuple(str(p) for p in exc.errors()[0]["loc"])
+        flag = next((f"--set {item}" for key, item in (set_by or {}).items() if loc and loc[:len(key)] == key), None)
+        raise PeftlabError(f"{flag or origin}: {_describe(exc)}") from None
 
 
 def _find_recipe(ref: str) -> Path:
@@ -427,7 +430,8 @@ def _read_yaml(path: Path) -> Any:
         raise PeftlabError(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting there") from None
 
 
-def _apply_override(data: dict, item: str) -> None:
+def _apply_override(data: dict, item: str) -> list[str]:
+    """Set `KEY=VALUE` (a YAML value, an alias key converted to ours) in `data`; returns the key set, as parts."""
     if "=" not in item:
         raise PeftlabError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
     key, raw = item.split("=", 1)
@@ -446,6 +450,7 @@ def _apply_override(data: dict, item: str) -> None:
             raise PeftlabError(f"--set '{item}': '{part}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+    return parts
 
 
 def _describe(exc: ValidationError) -> str:
@@ -460,13 +465,16 @@ def _describe(exc: ValidationError) -> str:
         alias = aliases.suggestion(loc[-1], _valid_keys(loc[:-1]))
         msg = f"unknown key '{key}'; {alias or did_you_mean(key, valid)}"
         if loc[-1] in aliases.ELSEWHERE:
-            msg = f"'{key}' is not a recipe field: {aliases.ELSEWHERE[loc[-1]]}"
+            msg = f"'{key}' is not a recipe field: {aliases.elsewhere(loc[-1], first.get('input'))}"
     else:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
-        msg = f"{key}: {first['msg'].removeprefix('Value error, ')} (got {got_text})"
+        problem = first["msg"].removeprefix("Value error, ")
+        # pydantic's own messages ("Input should be a valid integer, unable to parse ...") carry no fix: say it
+        fix = "" if "fix:" in problem else f"; fix: {key} must be {problem.removeprefix('Input should be ').split(',')[0]}"
+        msg = f"{key}: {problem} (got {got_text}){fix}"
         if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
-            msg = first["msg"].removeprefix("Value error, ")
+            msg = problem
     more = len(errors) - 1
     return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
 

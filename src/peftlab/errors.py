@@ -29,8 +29,9 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """The `fix: ...` part of an unknown-name error: the closest valid name, else every valid name."""
     choices = list(choices)
     guess = closest(word, choices)
     if guess:
-        return f"did you mean '{guess}'?"
-    return f"valid: {', '.join(sorted(choices))}"
+        return f"fix: did you mean '{guess}'?"
+    return f"fix: use one of {', '.join(sorted(choices))}"

@@ -165,6 +165,11 @@ class Registry:
         with self._connect() as conn, _write(conn):
             conn.execute(UPSERT, _record(self.runs_dir, run))
 
+    def forget(self, run: RunDir) -> None:
+        """Drop one run whose folder was removed (a run refused before its first step)."""
+        with self._connect() as conn, _write(conn):
+            conn.execute("DELETE FROM runs WHERE name = ?", (_relative_name(self.runs_dir, run),))
+
     def sync(self) -> None:
         """Reconcile the index with the folders: re-read changed summaries, add new runs, drop vanished ones."""
         with self._connect() as conn:
@@ -288,6 +293,12 @@ def index_run(run: RunDir) -> None:
         from peftlab.watch.console import say
 
         say(f"warning: run registry not updated ({exc.__class__.__name__}: {exc}); `peftlab runs` rebuilds it from the folders")
+
+
+def forget_run(run: RunDir) -> None:
+    """Best effort, as index_run: `peftlab runs` also drops a vanished folder on its next sync."""
+    with contextlib.suppress(sqlite3.Error, OSError, PeftlabError):
+        registry_for(run).forget(run)
 
 
 def _parse_time(text: str | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from peftlab.config import Recipe
 from peftlab.distributed import barrier, broadcast, init_process_group, ranks, strategy
 from peftlab.engines import check_registered
 from peftlab.errors import GuardFailure, PeftlabError
-from peftlab.registry import index_run
+from peftlab.registry import forget_run, index_run
 from peftlab.runlock import owner
 from peftlab.runs import RunDir, environment, finish_fields, io_cause, io_error, sanitize_name
 from peftlab.watch.console import say
@@ -108,6 +109,20 @@ def _record_end(run: RunDir, **fields: Any) -> None:
         raise io_error(exc, run) from None
 
 
+def _began(run: RunDir) -> bool:
+    """Whether the run holds anything a user could want: a logged step, a checkpoint or an adapter."""
+    return any(p.exists() for p in (run.metrics_path, run.checkpoints_path, run.adapter_path))
+
+
+def _remove(run: RunDir) -> None:
+    """A run refused on bad input before its first step: nothing was trained, so nothing is kept. The error line
+    says what to fix; `train` with the same --name then starts afresh."""
+    run.release()
+    if run.writer:
+        shutil.rmtree(run.path, ignore_errors=True)
+        forget_run(run)
+
+
 def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path | None = None,
              listeners: Sequence[Listener] = ()) -> RunDir:
     import torch
@@ -117,6 +132,7 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
     from peftlab.training import train
 
     say(f"run folder: {run.path}")
+    refused = False  # bad input found before the first step: the folder goes, or it would block the corrected rerun
     try:
         # pid, host and start time tell a live run from a dead one where its lock cannot be probed.
         run.update_summary(**owner())
@@ -130,7 +146,9 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
         _record_end(run, **finish_fields("failed", "health guard"), diagnosis=str(exc), **saved)
         raise
     except PeftlabError as exc:
-        _record_end(run, **finish_fields("failed", "bad input"), diagnosis=str(exc))
+        refused = resume_from is None and not _began(run)
+        if not refused:
+            _record_end(run, **finish_fields("failed", "bad input"), diagnosis=str(exc))
         raise
     except KeyboardInterrupt as exc:
         saved = {"checkpoint": str(exc.checkpoint)} if isinstance(exc, TrainingInterrupted) else {}
@@ -149,8 +167,11 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
                     traceback=traceback.format_exc()[-4000:])
         raise
     finally:
-        if run.writer:
-            index_run(run)  # and how it ended, whatever happened
-        run.release()  # only now: until the end is recorded, a free lock would read as a dead run
+        if refused:
+            _remove(run)
+        else:
+            if run.writer:
+                index_run(run)  # and how it ended, whatever happened
+            run.release()  # only now: until the end is recorded, a free lock would read as a dead run
     say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')})")
     return run

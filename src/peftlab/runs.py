@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -172,6 +172,16 @@ def sanitize_name(name: str) -> str:
     if not cleaned:
         raise PeftlabError(f"run name '{name}' has no usable characters; fix: use letters, digits, '.', '_' or '-'")
     return cleaned[:120]
+
+
+def check_name(name: str | None, option: str) -> str | None:
+    """A run or study name given on the command line: one folder inside --runs-dir. A path (`../x`, `a/b`) would
+    leave the runs folder or hide the run where `peftlab runs` does not look: refused, not silently rewritten."""
+    if name is not None and ("/" in name or "\\" in name or name.strip(".") == ""):
+        last = PurePath(name.replace("\\", "/")).name.strip(".") or "NAME"
+        raise PeftlabError(f"{option} '{name}': a run name is one folder inside --runs-dir, not a path; fix: "
+                           f"{option} {last}, and --runs-dir DIR for the folder it goes in")
+    return name
 
 
 def environment() -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,10 +104,20 @@ class Trackers:
                 self.notes.append(f"tracking: {name} stopped ({exc.__class__.__name__}: {exc}); the run folder has every record")
 
     def finish(self) -> None:
-        for tracker in self.active.values():
-            with contextlib.suppress(Exception):
+        for name, tracker in self.active.items():
+            with contextlib.suppress(Exception), quiet_stdout():
                 tracker.finish()
+                if name == "trackio":  # accelerate's finish leaves the run current: trackio's atexit would end it again
+                    import trackio
+
+                    trackio.finish()
         self.active.clear()
+
+
+def quiet_stdout() -> contextlib.AbstractContextManager:
+    """Trackers print banners of their own on start and finish (trackio's, ANSI-coloured even in a log); the
+    `note: tracking: ...` line says where the files go and how to open them."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def start_trackers(cfg: TrackingConfig, run: RunDir, config: dict[str, Any]) -> Trackers:
@@ -123,7 +134,8 @@ def start_trackers(cfg: TrackingConfig, run: RunDir, config: dict[str, Any]) -> 
             trackers.notes.append(f"tracking: {name} is not installed (pip install 'peftlab[trackers]'); "
                                   "this run is recorded in its run folder only")
             continue
-        trackers.active[name], where = build(cfg, run, _flat(config))
+        with quiet_stdout():
+            trackers.active[name], where = build(cfg, run, _flat(config))
         trackers.notes.append(f"tracking: {name} ({cfg.mode}) -> {where}")
     return trackers
 

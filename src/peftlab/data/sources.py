@@ -73,6 +73,8 @@ def _load_file(path: Path, source: str) -> Any:
     bad = not_utf8_line(path) if fmt in ("json", "csv") else None
     if bad:
         raise PeftlabError(f"data.source '{source}': cannot parse it as {fmt}: {bad}; fix: save the file as UTF-8")
+    if fmt in ("json", "csv") and only_whitespace(path):  # datasets: 'Instruction "train" corresponds to no data!'
+        raise PeftlabError(no_rows)
     try:
         with quiet_datasets():
             table = datasets.load_dataset(fmt, data_files=str(path), split="train")
@@ -109,6 +111,12 @@ def root_cause(exc: BaseException) -> str:
 
 def _open_bytes(path: Path) -> Any:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def only_whitespace(path: Path) -> bool:
+    """A text file of blank lines (streamed: big files stop at their first character)."""
+    with _open_bytes(path) as fh:
+        return not any(line.strip() for line in fh)
 
 
 def not_utf8_line(path: Path) -> str | None:

@@ -88,6 +88,9 @@ class HooksCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.hooks.step_end(state.global_step)
+        # The last step is logged whatever logging_steps says (as the other loops do): with max_steps below
+        # logging_steps the run would otherwise end with no loss at all.
+        control.should_log |= state.global_step >= state.max_steps
         control.should_training_stop |= self.hooks.should_stop()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

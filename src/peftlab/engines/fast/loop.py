@@ -123,7 +123,7 @@ class FastLoop:
             step, done = step + 1, done + 1
             since_log += loss
             total += loss
-            if step % self.settings.logging_steps == 0:
+            if step % self.settings.logging_steps == 0 or step == self.settings.total_steps:  # the last step too
                 hooks.on_log({"step": step, "loss": since_log.item() / (step - last_log), "grad_norm": grad_norm.item(),
                               "learning_rate": self.scheduler.get_last_lr()[0]})
                 since_log.zero_()
