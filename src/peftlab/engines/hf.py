@@ -221,7 +221,8 @@ class _PredictionSteps(TrainerCallback):
 def followed(trainer: Trainer, dataset: Any, prefix: str, call: Callable[..., Any]) -> Any:
     """`trainer.evaluate` or `.predict` on `dataset` after training, with n/N batches, elapsed and ETA shown."""
     name = {"eval": "validation"}.get(prefix, prefix)
-    with phase(f"evaluating on {name}", total=len(trainer.get_eval_dataloader(dataset))) as progress:
+    batches = math.ceil(len(dataset) / (trainer.args.eval_batch_size * trainer.args.world_size))  # this rank's share
+    with phase(f"evaluating on {name}", total=batches) as progress:
         callback = _PredictionSteps(progress)
         trainer.add_callback(callback)
         try:
