@@ -51,9 +51,7 @@ def test_a_resumed_phase_counts_its_eta_from_this_session_and_quick_tenths_stay_
 
 def test_a_phase_without_a_total_shows_elapsed_time_and_a_failed_phase_no_done_line(capsys) -> None:
     clock = Clock()
-    with phase("loading the model x") as progress:
-        progress.clock = clock
-        progress.started_at = clock.now
+    with Progress("loading the model x", clock=clock):
         clock.now += 125
     try:
         with phase("converting the GGUF tokenizer of y"):
