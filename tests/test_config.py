@@ -218,3 +218,17 @@ def test_unknown_names_and_paths_as_names_are_one_line_with_a_fix(cli, tmp_path,
     assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
     assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")] == []  # no run, nowhere
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["compare", "r", "--format", "jsn"], "error: --format 'jsn': unknown; fix: did you mean 'json'?"),
+    (["matrix", "tiny-gemma2-dolly", "--methods", "lora,dora"], "error: --methods 'lora,dora': unknown method ['dora']; fix:"),
+    (["train", "tiny-gemma2-dolly", "--set", "train.lr"], "error: --set 'train.lr': expected KEY=VALUE; fix: e.g."),
+    (["train", "tiny-gemma2-dolly", "--set", "train.lr.x=1"], "error: --set 'train.lr.x=1': 'lr' is a value, not a "
+                                                              "section; fix: set train.lr itself"),
+    (["train", "tiny-gemma2-dolly", "--set", "model.source=gguf:gemma-3-27m"],
+     "error: model.source 'gguf:gemma-3-27m': unknown packaged GGUF; fix: did you mean 'gemma-3-270m'?"),
+])
+def test_every_refusal_of_a_name_or_flag_carries_a_fix(cli, tmp_path, args, expected):
+    code, lines = cli(*args, "--runs-dir", str(tmp_path))
+    assert code == 2 and lines[-1].startswith(expected), lines[-3:]

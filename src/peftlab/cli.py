@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.watch.console import harden_stdio, print_table, say, say_error
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ def compare(runs: RunsArg, baseline: BaselineOpt = None,
     from peftlab.report.compare import FORMATS, open_source
 
     if format_ not in FORMATS:
-        raise PeftlabError(f"--format '{format_}': unknown; valid: {', '.join(FORMATS)}")
+        raise PeftlabError(f"--format '{format_}': unknown; {did_you_mean(format_, FORMATS)}")
     show_comparison([open_source(r, runs_dir) for r in runs], baseline_source(baseline, runs_dir) if baseline else None,
                     format_)
 

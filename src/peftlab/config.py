@@ -433,7 +433,7 @@ def _read_yaml(path: Path) -> Any:
 def _apply_override(data: dict, item: str) -> list[str]:
     """Set `KEY=VALUE` (a YAML value, an alias key converted to ours) in `data`; returns the key set, as parts."""
     if "=" not in item:
-        raise PeftlabError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        raise PeftlabError(f"--set '{item}': expected KEY=VALUE; fix: e.g. --set train.lr=1e-4")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -447,7 +447,8 @@ def _apply_override(data: dict, item: str) -> list[str]:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise PeftlabError(f"--set '{item}': '{part}' is a value, not a section")
+            raise PeftlabError(f"--set '{item}': '{part}' is a value, not a section; fix: set {'.'.join(parts[:-1])} "
+                               "itself, or a key of a section (see `peftlab recipes show NAME`)")
         node = child
     node[parts[-1]] = value
     return parts

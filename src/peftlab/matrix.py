@@ -17,7 +17,7 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise PeftlabError(f"--methods '{text}': unknown method {bad or '(none)'}; valid: {', '.join(METHODS)}")
+        raise PeftlabError(f"--methods '{text}': unknown method {bad or '(none)'}; fix: use {','.join(METHODS)} or one of them")
     return methods
 
 

@@ -73,7 +73,8 @@ def _imagefolder(folder: Path, source: str) -> Any:
         raise PeftlabError(f"data.source '{source}': cannot read it as an imagefolder ({root_cause(exc)}); fix: check "
                            "that every file_name in metadata.jsonl exists and is an image") from None
     if len(table) == 0:
-        raise PeftlabError(f"data.source '{source}': the folder holds no captioned images")
+        raise PeftlabError(f"data.source '{source}': the folder holds no captioned images; fix: add images with a "
+                           "metadata.jsonl of {\"file_name\": ..., \"text\": ...} lines, or point data.source at such a folder")
     return table
 
 

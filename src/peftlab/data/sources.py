@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, did_you_mean
 
 # name -> split -> file in data/bundled (sources and licenses: data/bundled/ATTRIBUTION.md)
 BUNDLED = {
@@ -25,9 +25,9 @@ FILE_FORMATS = {".json": "json", ".jsonl": "json", ".gz": "json", ".csv": "csv",
 
 def bundled_path(name: str, split: str = "train") -> Path:
     if name not in BUNDLED:
-        raise PeftlabError(f"data.source 'bundled:{name}': unknown bundled dataset; available: {', '.join(BUNDLED)}")
+        raise PeftlabError(f"data.source 'bundled:{name}': unknown bundled dataset; {did_you_mean(name, BUNDLED)}")
     if split not in BUNDLED[name]:
-        raise PeftlabError(f"data.source 'bundled:{name}': no split '{split}'; splits: {', '.join(BUNDLED[name])}")
+        raise PeftlabError(f"data.source 'bundled:{name}': no split '{split}'; {did_you_mean(split, BUNDLED[name])}")
     return Path(str(resources.files("peftlab.data") / "bundled" / BUNDLED[name][split]))
 
 

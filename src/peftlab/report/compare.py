@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from peftlab.columns import ALWAYS, BY_NAME, COLUMNS, NA, Column, cell, text, view
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.runlock import shown_status
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -271,7 +271,7 @@ def render(comp: Comparison, fmt: str) -> str:
         parts += [""] + [f"- {line}" for line in verdicts(comp)] if len(comp.rows) > 1 else []
         parts += [""] + [f"Note: {note}" for note in [*comp.notes, *definitions(comp)]] if comp.notes or definitions(comp) else []
         return "\n".join(parts) + "\n"
-    raise PeftlabError(f"--format '{fmt}': unknown; valid: {', '.join(FORMATS)}")
+    raise PeftlabError(f"--format '{fmt}': unknown; {did_you_mean(fmt, FORMATS)}")
 
 
 def transpose(headers: list[str], body: list[list[str]]) -> tuple[list[str], list[list[str]]]:
