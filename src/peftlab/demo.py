@@ -85,8 +85,7 @@ def run_demo(runs_dir: Path, recipe: Recipe | None = None) -> list[RunDir]:
 
     timings = Timings()
     with timings.part("model ready (GGUF conversion on the first run only)"):
-        recipe = recipe or demo_recipe()
-        _prepare_model(recipe)
+        recipe = prepare_model(recipe)
     learned = []
     for method in METHODS:
         variant = with_overrides(recipe, {"method.name": method})
@@ -108,11 +107,14 @@ def run_demo(runs_dir: Path, recipe: Recipe | None = None) -> list[RunDir]:
     return runs
 
 
-def _prepare_model(recipe: Recipe) -> None:
-    """Resolve (and on the first run convert and cache) the model once, so the parts after time only their work."""
+def prepare_model(recipe: Recipe | None = None) -> Recipe:
+    """The demo's recipe with its model resolved (on the first run: converted and cached), so the parts after time
+    only their own work. scripts/demo.sh calls it as set-up."""
     from peftlab.models.loader import load_tokenizer
 
+    recipe = recipe or demo_recipe()
     load_tokenizer(recipe.model)
+    return recipe
 
 
 def _run(recipe: Recipe, runs_dir: Path, name: str) -> RunDir:
