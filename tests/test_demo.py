@@ -47,3 +47,19 @@ def test_without_the_gguf_package_the_demo_says_so_and_takes_the_twin(monkeypatc
 def test_with_the_gguf_package_the_demo_takes_the_real_model(monkeypatch):
     monkeypatch.setattr(loader, "packaged_gguf_missing", lambda name: None)
     assert demo.demo_recipe().model.source == "gguf:gemma-3-270m"
+
+
+def test_lora_on_the_top_layers_only_leaves_the_lower_layers_without_gradient():
+    # the demo recipe adapts only the top layers so that backward stops there (CPU time)
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftlab.config import LoraSettings
+    from peftlab.models import adapt
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    peft_model = adapt.apply_lora(model, LoraSettings(target_modules=["c_attn"], layers_to_transform=[2, 3]))
+    adapted = sorted({int(n.split(".h.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n})
+    assert adapted == [2, 3]
+    peft_model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_B" in n)
