@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftlab.errors import PeftlabError
-from peftlab.models.loader import forget_gguf_quantizer
+from peftlab.models.gguf import forget_gguf_quantizer
 
 
 def tiny_model() -> GPT2LMHeadModel:

@@ -13,7 +13,9 @@ import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from peftlab.errors import PeftlabError
 from peftlab.models.presets import build_once, cache_root
 
 Converter = Callable[[Path, Path], None]  # (gguf file, empty folder to fill)
@@ -53,7 +55,6 @@ def convert_with_transformers(path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftlab.models.loader import forget_gguf_quantizer
     from peftlab.watch.console import say
 
     say(f"converting {path.name} once (tokenizer + dequantised weights) into {out.parent}")
@@ -61,3 +62,16 @@ def convert_with_transformers(path: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     forget_gguf_quantizer(model)
     model.save_pretrained(out)
+
+
+def forget_gguf_quantizer(model: Any) -> None:
+    """transformers dequantizes GGUF tensors into ordinary float layers on load but leaves a GGUF quantizer
+    attached, and the Trainer refuses to train a model "quantized with GGUF". The weights are plain
+    floats: drop the marker so LoRA (and QLoRA, which re-quantizes) can train them."""
+    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:  # weights really left in GGUF blocks: training them is impossible
+        raise PeftlabError(f"model.source: {len(packed)} weights stayed in GGUF blocks (e.g. {packed[0]}); fix: "
+                           "use a transformers version that dequantizes GGUF on load")
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -230,18 +230,5 @@ def _load_model(auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn_impl
         kwargs["use_safetensors"] = True
     model = _from_pretrained(auto_class, cfg, location, **kwargs)
     if "gguf_file" in kwargs:
-        forget_gguf_quantizer(model)
+        gguf.forget_gguf_quantizer(model)
     return model
-
-
-def forget_gguf_quantizer(model: Any) -> None:
-    """transformers dequantizes GGUF tensors into ordinary float layers on load but leaves a GGUF quantizer
-    attached, and the Trainer refuses to train a model "quantized with GGUF". The weights are plain
-    floats: drop the marker so LoRA (and QLoRA, which re-quantizes) can train them."""
-    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
-    if packed:  # weights really left in GGUF blocks: training them is impossible
-        raise PeftlabError(f"model.source: {len(packed)} weights stayed in GGUF blocks (e.g. {packed[0]}); fix: "
-                           "use a transformers version that dequantizes GGUF on load")
-    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
