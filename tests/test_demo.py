@@ -63,3 +63,20 @@ def test_lora_on_the_top_layers_only_leaves_the_lower_layers_without_gradient():
     assert adapted == [2, 3]
     peft_model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("load, inside", [(99.0, 1), (0.0, 2)])
+def test_busy_cores_get_one_torch_thread_for_the_demo_only(monkeypatch, capsys, load, inside):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    torch.set_num_threads(2)
+    try:
+        with demo._threads_for_busy_cores():
+            assert torch.get_num_threads() == inside
+        assert torch.get_num_threads() == 2
+        assert ("torch runs on 1 thread" in capsys.readouterr().out) == (inside == 1)
+    finally:
+        torch.set_num_threads(before)

@@ -82,10 +82,14 @@ def demo_recipe() -> Recipe:
 
 def run_demo(runs_dir: Path, recipe: Recipe | None = None) -> list[RunDir]:
     """The three parts, each timed; returns the LoRA and QLoRA run folders."""
+    with _threads_for_busy_cores():
+        return _parts(runs_dir, recipe)
+
+
+def _parts(runs_dir: Path, recipe: Recipe | None) -> list[RunDir]:
     from peftlab.tasks.classify import untrained_accuracy
 
     timings = Timings()
-    _fit_threads_to_free_cores()
     with timings.part("model ready (GGUF conversion on the first run only)"):
         recipe = prepare_model(recipe)
     learned = []
@@ -109,16 +113,21 @@ def run_demo(runs_dir: Path, recipe: Recipe | None = None) -> list[RunDir]:
     return runs
 
 
-def _fit_threads_to_free_cores() -> None:
-    """One torch thread when the cores are busy. Measured on 2 shared cores (load ~7): a Gemma 3 270M forward took
+@contextlib.contextmanager
+def _threads_for_busy_cores() -> Iterator[None]:
+    """One torch thread while the cores are busy. Measured on 2 shared cores (load ~7): a Gemma 3 270M forward took
     4.1 s wall / 2.7 s CPU with 2 threads and 0.49 s / 0.48 s with 1, because each parallel region waits for the
     thread the scheduler has put aside."""
     import torch
 
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
-    if torch.get_num_threads() > 1 and load >= cores:
+    threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
+    if threads > 1 and load >= cores:
         torch.set_num_threads(1)
         say(f"note: the {cores} cores are busy (load average {load:.1f}): torch runs on 1 thread, which is faster there")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def prepare_model(recipe: Recipe | None = None) -> Recipe:
@@ -156,15 +165,18 @@ def _write_report(runs: list[RunDir], path: Path) -> None:
 
 def _show_guard(runs_dir: Path) -> None:
     """A real run stopped by the guard, then the original run's logs through the guard with its settings."""
+    from peftlab.models.loader import attention_implementation
     from peftlab.watch.guard import HealthGuard, RunContext
 
     try:
         _run(load_recipe(LOSS0), runs_dir, "demo-loss0")
-        say("guard: the run was not stopped (unexpected)")
     except GuardFailure as exc:
         say(f"guard stopped {runs_dir / 'demo-loss0'} (status failed, exit 3 from `peftlab train`): {exc}")
+    else:
+        raise RuntimeError(f"the guard did not stop {LOSS0}, whose every label is masked")
     original = load_recipe("gemma2-dolly")
-    context = RunContext("gemma2", ORIGINAL_PRECISION, "eager", original.train.lr, original.method.name)
+    attention = attention_implementation(original.model.attn_implementation, "gemma2")
+    context = RunContext("gemma2", ORIGINAL_PRECISION, attention, original.train.lr, original.method.name)
     try:
         HealthGuard(context).check_log(original.train.logging_steps, dict(ORIGINAL_LOG))
     except GuardFailure as exc:
