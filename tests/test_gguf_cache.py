@@ -57,7 +57,7 @@ def test_a_failed_conversion_leaves_no_folder_and_is_retried(tmp_path):
 
     with pytest.raises(RuntimeError):
         gguf.converted(model, crash)
-    assert not gguf.is_converted(model) and not gguf.cache_folder(model).exists()
+    assert not gguf.cache_folder(model).exists()
     assert list(gguf.cache_folder(model).parent.iterdir()) == []
     calls: list[str] = []
     assert (gguf.converted(model, fake_converter(calls)) / "config.json").is_file() and calls == ["m.gguf"]

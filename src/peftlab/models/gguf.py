@@ -46,10 +46,6 @@ def converted(path: Path, convert: Converter | None = None) -> Path:
     return build_once(cache_folder(path), lambda tmp: (convert or convert_with_transformers)(path, tmp))
 
 
-def is_converted(path: Path) -> bool:
-    return (cache_folder(path) / "config.json").exists()
-
-
 def convert_with_transformers(path: Path, out: Path) -> None:
     """Tokenizer and fp32 weights as transformers dequantises them (fp32: the dequantised values exactly)."""
     import torch
