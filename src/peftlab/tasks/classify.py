@@ -277,3 +277,27 @@ def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max
     probs = torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy()
     best = np.argmax(probs, axis=-1)
     return [(labels[i], float(probs[row, i])) for row, i in enumerate(best)]
+
+
+@torch.no_grad()
+def untrained_accuracy(recipe: Recipe) -> float:
+    """Validation accuracy of the model a run of `recipe` starts from: the base, LoRA at its zero init and the new
+    head as `build` seeds it, so the same numbers a run's first step sees. The baseline for "before fine-tuning"."""
+    from torch.utils.data import DataLoader
+
+    setup = build(recipe)
+    if setup.data.eval is None:
+        raise PeftlabError("data.eval_fraction is 0: there are no held-out rows to measure accuracy on; fix: set "
+                           "data.eval_fraction > 0")
+    from peftlab.models.precision import DTYPES
+
+    setup.model.eval()
+    correct, precision = 0, setup.context.precision
+    batches = DataLoader(setup.data.eval, batch_size=recipe.train.batch_size, collate_fn=collator(recipe, setup.tokenizer))
+    # the Trainer's autocast: under mixed precision the trained (upcast) head meets half-precision hidden states
+    with torch.autocast(setup.model.device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+        for batch in batches:
+            labels = batch.pop("labels")
+            logits = setup.model(**batch.to(setup.model.device)).logits
+            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+    return correct / len(setup.data.eval)
