@@ -151,8 +151,10 @@ def apply(recipe: Recipe, unet: Any, device: torch.device, precision: str, micro
     if micro_batch != t.batch_size:
         plan.notes.append(f"micro-batch: {t.batch_size} x {t.grad_accum} images per optimizer step run as "
                           f"{micro_batch} x {plan.grad_accum} (diffusion.speed.micro_batch: {speed.micro_batch})")
-    if speed.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    if speed.channels_last:  # the convolutions' weights only: 4-bit Linear weights are packed, not images
+        for module in unet.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
         plan.channels_last = True
     if compiles(recipe, device):
         plan.cuda_graphs = speed.cuda_graphs and device.type == "cuda"
