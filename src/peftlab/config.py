@@ -118,7 +118,13 @@ class ImageDataConfig(Section):
     center_crop: bool = Field(True, description="false = a random crop per step")
     random_flip: bool = False
     caption_prefix: str = Field("", description="prepended to every caption, e.g. a trigger word 'in vgstyle, '")
-    cache: bool = Field(False, description="encode VAE latents and text embeddings once, before training")
+    cache: Literal["auto", True, False] = Field(
+        "auto", description="encode VAE latents and text embeddings once, before training; auto = when center_crop "
+                            "(a cached latent fixes the crop)")
+
+    @property
+    def cached(self) -> bool:
+        return self.center_crop if self.cache == "auto" else bool(self.cache)
 
     @field_validator("resolution")
     @classmethod
@@ -233,7 +239,7 @@ class DiffusionSpeedConfig(Section):
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value <= 0:
-            raise ValueError("must be auto, recipe or a positive number of images")
+            raise ValueError("must be auto, recipe or a positive number of images; fix: auto")
         return value
 
 

@@ -400,7 +400,7 @@ def cache_report(state: DiffusionRun, counted: ImageCounter, runtime: float) -> 
 
 
 def _build_cache(recipe: Recipe, setup: DiffusionSetup, device: torch.device) -> LatentCache | None:
-    if not recipe.data.images.cache:
+    if not recipe.data.images.cached:
         return None
     cache = LatentCache(setup.data, setup.parts, setup.dtype, recipe.train.batch_size)
     if device.type == "cuda":  # not needed until sampling: give their memory to training
