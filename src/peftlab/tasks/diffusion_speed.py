@@ -109,9 +109,12 @@ def plan_micro_batch(recipe: Recipe, device: torch.device, loss_of: Callable[[in
     per_step = t.batch_size * t.grad_accum
     if isinstance(choice, int):
         return choice, {"micro_batch_from": "recipe (diffusion.speed.micro_batch)"}
-    if choice == "recipe" or device.type != "cuda" or per_step == t.batch_size:
-        why = "recipe" if choice == "recipe" else "train.batch_size (auto measures CUDA memory only)"
-        return t.batch_size, {"micro_batch_from": why}
+    if choice == "recipe":
+        return t.batch_size, {"micro_batch_from": "recipe"}
+    if per_step == t.batch_size:
+        return t.batch_size, {"micro_batch_from": "auto: train.batch_size is the whole optimizer step"}
+    if device.type != "cuda":
+        return t.batch_size, {"micro_batch_from": "auto: train.batch_size (only CUDA memory is measured)"}
     one, two = measure_peaks(loss_of, params, device)
     per_image, fixed = two - one, 2 * one - two
     limit = (t.memory_limit_gib * GIB if t.memory_limit_gib else
