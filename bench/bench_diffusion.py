@@ -12,6 +12,13 @@ weights draw noise). Variants (--variant):
   qlora_lean_stock   'lean' prep but stock Linear4bit outputs: isolates the fp32-activation effect
   lora_cache         LoRA with data.images.cache=true (latents + text embeddings once, VAE/text encoder off the GPU)
   qlora_cache        peftlab's QLoRA with the cache
+  lora_fast          issue 15: the cache + diffusion.speed's defaults (measured micro-batch, channels_last, compiled
+                     UNet with CUDA graphs, fused AdamW)
+  qlora_fast         the same for QLoRA
+  qlora_fast_eager   QLoRA fast without torch.compile (is bitsandbytes' 4-bit path faster compiled or not?)
+  lora_plain         diffusers' loop as before issue 15: no cache, every diffusion.speed switch off
+The variants before issue 15 (lora ... qlora_cache) now run with diffusion.speed's defaults unless lora_plain's
+switches are added with --set.
 
 Throughput: micro-steps/s (it/s, what the original printed) and images/s from metrics.jsonl (one record per
 optimizer step) after --warmup optimizer steps; peak memory: the CUDA allocator's peak over training, weights
@@ -42,19 +49,26 @@ VARIANTS = {
     "qlora_lean_stock": ["method.name=qlora", "diffusion.cast_4bit_outputs=false"],
     "lora_cache": ["method.name=lora", "data.images.cache=true"],
     "qlora_cache": ["method.name=qlora", "data.images.cache=true"],
+    "lora_fast": ["method.name=lora", "data.images.cache=true"],
+    "qlora_fast": ["method.name=qlora", "data.images.cache=true"],
+    "qlora_fast_eager": ["method.name=qlora", "data.images.cache=true", "diffusion.speed.compile=false"],
+    "lora_plain": ["method.name=lora", "diffusion.speed.channels_last=false", "diffusion.speed.micro_batch=recipe",
+                   "diffusion.speed.compile=false", "diffusion.speed.fused_optimizer=false"],
 }
 GIB = 1024**3
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
     base = [] if args.tiny else ["model.source=preset:sd15"]
-    return [*base, *VARIANTS[args.variant], f"train.max_steps={args.warmup + args.steps}", "train.logging_steps=1",
-            "eval.prompts=[]", *args.set]
+    return [*base, *VARIANTS[args.variant], f"train.max_steps={args.warmup + args.steps}",
+            f"train.logging_steps={args.log_every}", "eval.prompts=[]", *args.set]
 
 
 def measure(records: list[dict], warmup: int) -> dict:
+    """Rates between the record at optimizer step `warmup` and the last one (a log is a device sync: with
+    --log-every > 1 the steps between two records run without one)."""
     train = [r for r in records if r.get("kind") == "train"]
-    start, end = train[warmup - 1], train[-1]
+    start, end = next(r for r in train if r["step"] == warmup), train[-1]
     seconds = end["time"] - start["time"]
     micro = end["micro_steps"] - start["micro_steps"]
     return {
@@ -84,7 +98,9 @@ def bench(args: argparse.Namespace) -> dict:
         "environment": environment(),
         "metrics": {**measure(run.metrics(), args.warmup), **{k: summary.get(k) for k in peaks}},
         "summary": {k: summary.get(k) for k in ("runtime_s", "steps", "it_per_s", "samples_per_s", "final_train_loss",
-                                                 "precision", "notes", "unet", "latent_cache", "trainable_params")},
+                                                 "precision", "notes", "unet", "latent_cache", "trainable_params", "speed",
+                                                 "compile_cache", "attn_implementation")},
+        "first_record_time_s": next(r["time"] for r in run.metrics() if r.get("kind") == "train"),
     }
 
 
@@ -163,6 +179,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=list(VARIANTS), default="lora")
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps (of 4 micro-steps) left out of the timing")
     ap.add_argument("--steps", type=int, default=15, help="measured optimizer steps (60 micro-steps, as the reference)")
+    ap.add_argument("--log-every", type=int, default=1, help="train.logging_steps; --warmup must be a multiple")
     ap.add_argument("--tiny", action="store_true", help="tiny-sd-vangogh on preset:tiny-sd (CPU smoke test)")
     ap.add_argument("--explain", action="store_true", help="parameter and activation accounting only (CPU)")
     ap.add_argument("--resolution", type=int, default=512, help="--explain: image size")

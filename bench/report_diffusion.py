@@ -22,6 +22,10 @@ ROWS = [
     ("peftlab_lora_bs4", "peftlab", "LoRA bs4 x GA1"),
     ("C5_tuned_qlora_bs4_no_kbit_prep", "plain HF", "QLoRA bs4 x GA1, no k-bit prep"),
     ("peftlab_qlora_bs4", "peftlab", "QLoRA bs4 x GA1"),
+    ("peftlab_lora_fast", "peftlab", "LoRA fast (issue 15), the recipe's bs1 x GA4"),
+    ("peftlab_qlora_fast", "peftlab", "QLoRA fast (issue 15), the recipe's bs1 x GA4"),
+    ("peftlab_qlora_fast_eager", "peftlab", "QLoRA fast without compile, bs1 x GA4"),
+    ("peftlab_lora_fast_bs16", "peftlab", "LoRA fast, bs16 x GA1"),
 ]
 
 

@@ -121,7 +121,13 @@ class ImageDataConfig(Section):
     center_crop: bool = Field(True, description="false = a random crop per step")
     random_flip: bool = False
     caption_prefix: str = Field("", description="prepended to every caption, e.g. a trigger word 'in vgstyle, '")
-    cache: bool = Field(False, description="encode VAE latents and text embeddings once, before training")
+    cache: Literal["auto", True, False] = Field(
+        "auto", description="encode VAE latents and text embeddings once, before training; auto = when center_crop "
+                            "(a cached latent fixes the crop)")
+
+    @property
+    def cached(self) -> bool:
+        return self.center_crop if self.cache == "auto" else bool(self.cache)
 
     @field_validator("resolution")
     @classmethod
@@ -215,6 +221,31 @@ class EvalConfig(Section):
     compare_base: bool = True
 
 
+class DiffusionSpeedConfig(Section):
+    """How fast the diffusion task's UNet step runs (tasks/diffusion_speed.py). Every switch keeps the recipe's
+    training: the same images per optimizer step, the same objective; `false` / `recipe` gives diffusers' plain loop."""
+
+    channels_last: bool = Field(True, description="UNet weights and latents in NHWC, the layout cuDNN's convolutions prefer")
+    micro_batch: int | Literal["auto", "recipe"] = Field(
+        "auto", description="images per forward pass, keeping train.batch_size x train.grad_accum images per optimizer "
+                            "step: auto = the largest divisor of that which the measured memory allows (CUDA; the recipe's "
+                            "batch elsewhere), recipe = train.batch_size, or a divisor of it")
+    compile: Literal["auto", True, False] = Field(
+        "auto", description="torch.compile of the UNet, persistent compile cache under $PEFTLAB_CACHE/compile; auto = on CUDA")
+    cuda_graphs: bool = Field(True, description="with compile on CUDA: replay the UNet's step as CUDA graphs (shapes are static)")
+    fused_optimizer: bool = Field(True, description="train.optimizer adamw_torch runs as torch's fused AdamW (same update)")
+    encoder_timing_every: int = Field(
+        50, gt=0, description="without the latent cache: time the VAE + text encoder on one micro-step in N (a device "
+                              "sync each time), not on every one")
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be auto, recipe or a positive number of images; fix: auto")
+        return value
+
+
 class DiffusionConfig(Section):
     """The noise-prediction objective and the sample grid of the diffusion task (diffusers' LoRA script flags)."""
 
@@ -227,6 +258,7 @@ class DiffusionConfig(Section):
     sample_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one grid row per prompt and seed")
     sample_steps: int = Field(25, gt=0, description="denoising steps for the grid and `peftlab generate`")
     guidance_scale: float = Field(7.5, ge=0.0)
+    speed: DiffusionSpeedConfig = Field(default_factory=DiffusionSpeedConfig)
 
 
 class WatchConfig(Section):
@@ -325,6 +357,20 @@ class Recipe(Section):
     def _template_fields(self) -> Recipe:
         if "{instruction}" not in self.data.template:
             raise ValueError("data.template must contain '{instruction}'")
+        return self
+
+    @model_validator(mode="after")
+    def _diffusion_speed(self) -> Recipe:
+        if self.task != "diffusion":
+            return self
+        per_step = self.train.batch_size * self.train.grad_accum
+        micro = self.diffusion.speed.micro_batch
+        if isinstance(micro, int) and per_step % micro:
+            raise ValueError(f"diffusion.speed.micro_batch {micro} does not divide the {per_step} images of an optimizer "
+                             "step (train.batch_size x train.grad_accum); fix: a divisor of it, or auto")
+        if self.model.attn_implementation not in ("auto", "sdpa", "eager"):
+            raise ValueError(f"model.attn_implementation '{self.model.attn_implementation}' is not a UNet attention; "
+                             "fix: auto (= sdpa) or eager")
         return self
 
     @field_validator("task")

@@ -262,15 +262,18 @@ class AccelerateLoop:
     logging step, checkpoints every save_steps, and a checkpoint on SIGINT/SIGTERM."""
 
     def __init__(self, job: TrainJob, hooks: TrainingHooks) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DataLoaderConfiguration
         from accelerate.state import AcceleratorState
 
         self.job, self.hooks, t = job, hooks, job.train
         # accelerate's state is per process and refuses a second precision: a matrix or sweep trains several runs
         # in one process (the HF Trainer resets it the same way).
         AcceleratorState._reset_state(reset_partial_state=True)
+        # Pinned batches copied with non_blocking: a copy from pageable memory waits for the GPU, a host sync per
+        # micro-batch.
         self.accelerator = Accelerator(mixed_precision=job.precision if job.precision in ("bf16", "fp16") else "no",
-                                       gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available())
+                                       gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()))
         self.losses: list[torch.Tensor] = []
         self.logged = 0  # micro-batches at the previous record
         self.final_loss: float | None = None  # of the last logging window
@@ -280,7 +283,8 @@ class AccelerateLoop:
 
         job, t, accelerator = self.job, self.job.train, self.accelerator
         loader = torch.utils.data.DataLoader(job.train_dataset, batch_size=t.batch_size, shuffle=True,
-                                             generator=torch.Generator().manual_seed(job.seed))
+                                             generator=torch.Generator().manual_seed(job.seed),
+                                             pin_memory=torch.cuda.is_available())
         steps = total_steps(t, len(loader))
         warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * steps)
         params = [p for p in job.model.parameters() if p.requires_grad]

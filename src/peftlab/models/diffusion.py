@@ -121,8 +121,10 @@ def _write_preset(preset: DiffusionPreset, folder: Path) -> None:
     tokenizer = clip_like_tokenizer(preset.tokenizer)
     text = CLIPTextConfig(**preset.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(presets.PRESET_SEED)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1B params of random init: slow on a CPU
+    # fork_rng: writing the preset must not move the caller's RNG, or a run's LoRA init and noise (so its losses)
+    # would depend on whether the preset was already cached (as in models/presets.py).
+    with torch.random.fork_rng(), torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1B params: slow on a CPU
+        torch.manual_seed(presets.PRESET_SEED)
         pipeline = StableDiffusionPipeline(
             vae=AutoencoderKL(**preset.vae), text_encoder=CLIPTextModel(text), tokenizer=tokenizer,
             unet=UNet2DConditionModel(**preset.unet), scheduler=PNDMScheduler(**SD15_SCHEDULER),

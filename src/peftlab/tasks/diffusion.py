@@ -33,6 +33,7 @@ from peftlab.models import diffusion as sd
 from peftlab.models.precision import DTYPES, resolve_precision
 from peftlab.report.grids import Grid
 from peftlab.runs import RunDir, atomic_dir
+from peftlab.tasks import diffusion_speed as speed
 from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup
 from peftlab.watch.console import say
@@ -87,7 +88,7 @@ def build(recipe: Recipe, device: torch.device) -> DiffusionSetup:
         "param_bytes_prepared": sd.param_bytes_by_dtype(unet),
         "weight_forecast_gib": sd.weight_forecast(breakdown, 4 if precision == "fp32" else 2),
     }
-    attn = type(next(iter(unet.attn_processors.values()))).__name__
+    attn = speed.set_attention(unet, recipe.model.attn_implementation)
     context = RunContext(MODEL_TYPE, precision, attn, recipe.train.lr, recipe.method.name, recipe.method.quant.compute_dtype)
     params = adapt.ParamCount(*PeftModel.get_nb_trainable_parameters(unet))  # peft's count, 4-bit aware
     return DiffusionSetup(parts, data, stats, context, params, facts, notes)
@@ -134,16 +135,40 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Te
     return (loss * weights).mean()
 
 
-def noise_prediction_loss(unet: Any, latents: torch.Tensor, states: torch.Tensor, scheduler: Any, recipe: Recipe,
-                          kind: str) -> torch.Tensor:
-    """Noise the latents at random timesteps, predict the noise (or velocity) from the text states, score it."""
-    d = recipe.diffusion
-    noise = torch.randn_like(latents)
-    if d.noise_offset:
-        noise = noise + d.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
+def draw_per_sample(latent_params: torch.Tensor, scaling_factor: float, num_timesteps: int,
+                    noise_offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents sampled from the VAE's distribution (mean, logvar stacked on dim 1: (b, 2C, h, w)), the noise and the
+    timesteps, scaled latents (b, C, h, w). Every random number of sample i is drawn before any of sample i+1, so
+    the same images give the same draws however an optimizer step groups them into micro-batches (diffusers draws
+    per tensor, which ties the draws to the micro-batch size)."""
+    mean, logvar = latent_params.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # DiagonalGaussianDistribution's clamp
+    one, device, dtype = (1, *mean.shape[1:]), mean.device, mean.dtype
+    eps, noise, steps = [], [], []
+    for _ in range(mean.shape[0]):
+        eps.append(torch.randn(one, device=device, dtype=dtype))
+        n = torch.randn(one, device=device, dtype=dtype)
+        if noise_offset:
+            n = n + noise_offset * torch.randn(one[:2] + (1, 1), device=device, dtype=dtype)
+        noise.append(n)
+        steps.append(torch.randint(0, num_timesteps, (1,), device=device))
+    latents = (mean + std * torch.cat(eps)) * scaling_factor
+    return latents, torch.cat(noise), torch.cat(steps).long()
+
+
+def noise_prediction_loss(unet: Any, latent_params: torch.Tensor, states: torch.Tensor, parts: sd.SdParts,
+                          recipe: Recipe, kind: str, plan: speed.SpeedPlan | None = None) -> torch.Tensor:
+    """Sample the latents, noise them at random timesteps, predict the noise (or velocity) from the text states,
+    score it. `plan`: the fast step's input layout and CUDA-graph bookkeeping (None: as diffusers' loop)."""
+    d, scheduler = recipe.diffusion, parts.noise_scheduler
+    latents, noise, timesteps = draw_per_sample(latent_params, parts.vae.config.scaling_factor,
+                                                scheduler.config.num_train_timesteps, d.noise_offset)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    if plan is not None and plan.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    if plan is not None and plan.cuda_graphs:  # a new iteration: the previous replay's outputs are consumed
+        torch.compiler.cudagraph_mark_step_begin()
     pred = unet(noisy, timesteps, states, return_dict=False)[0]
     return diffusion_loss(pred, target, timesteps, scheduler, d.snr_gamma)
 
@@ -182,7 +207,7 @@ class LatentCache(torch.utils.data.Dataset):
         out = []
         for chunk in torch.arange(len(data)).split(batch_size):
             pixels = torch.stack([data.pixels(int(i), flip, center=True) for i in chunk])
-            out.append(_encode_pixels(parts, pixels, dtype, sample=False).cpu())
+            out.append(_encode_pixels(parts, pixels, dtype).cpu())
         return torch.cat(out)
 
     def __len__(self) -> int:
@@ -194,22 +219,15 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def _encode_pixels(parts: sd.SdParts, pixels: torch.Tensor, dtype: torch.dtype, sample: bool = True) -> torch.Tensor:
-    """Scaled latents (sample=True), or the latent distribution's parameters for the cache."""
+def _encode_pixels(parts: sd.SdParts, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The latent distribution's parameters (mean, logvar on dim 1): `draw_per_sample` samples them."""
     vae = parts.vae
-    dist = vae.encode(pixels.to(vae.device, dtype=dtype)).latent_dist
-    return dist.sample() * vae.config.scaling_factor if sample else dist.parameters
+    return vae.encode(pixels.to(vae.device, dtype=dtype)).latent_dist.parameters
 
 
 @torch.no_grad()
 def _encode_text(parts: sd.SdParts, input_ids: torch.Tensor) -> torch.Tensor:
     return parts.text_encoder(input_ids.to(parts.text_encoder.device), return_dict=False)[0]
-
-
-def _sample_cached(parts: sd.SdParts, latent_params: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    return DiagonalGaussianDistribution(latent_params.to(device)).sample() * parts.vae.config.scaling_factor
 
 
 def _sync(device: torch.device) -> None:
@@ -248,28 +266,61 @@ class ImageCounter:
 
 
 class Conditioning:
-    """The task's loss per micro-batch: latents and text states from the cache or the frozen encoders
-    (timed, for the cache report), then the noise-prediction loss of the UNet."""
+    """The task's loss per micro-batch: latent distributions and text states from the cache or the frozen encoders
+    (timed on one micro-step in `encoder_timing_every`, for the cache report: timing needs a device sync), then the
+    noise-prediction loss of the UNet (the compiled one when the plan has it)."""
 
     def __init__(self, recipe: Recipe, setup: DiffusionSetup, device: torch.device, cached: bool, kind: str) -> None:
         self.recipe, self.setup, self.device, self.cached, self.kind = recipe, setup, device, cached, kind
-        self.encode_s = 0.0  # time in the VAE + text encoder, measured when not cached
+        self.plan: speed.SpeedPlan | None = None  # set once the micro-batch is planned
+        self.micro_steps = 0
+        self.encode_s, self.encode_timed = 0.0, 0  # VAE + text encoder seconds over the timed micro-steps (uncached)
 
     def condition(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.setup.parts
         if self.cached:
-            return _sample_cached(parts, batch["latent_params"], self.device), batch["states"].to(self.device)
-        _sync(self.device)
-        begin = time.perf_counter()
-        latents = _encode_pixels(parts, batch["pixel_values"], self.setup.dtype)
+            return (batch["latent_params"].to(self.device, non_blocking=True),
+                    batch["states"].to(self.device, non_blocking=True))
+        timed = self.micro_steps % self.recipe.diffusion.speed.encoder_timing_every == 0
+        if timed:
+            _sync(self.device)
+            begin = time.perf_counter()
+        params = _encode_pixels(parts, batch["pixel_values"], self.setup.dtype)
         states = _encode_text(parts, batch["input_ids"])
-        _sync(self.device)
-        self.encode_s += time.perf_counter() - begin
-        return latents, states
+        if timed:
+            _sync(self.device)
+            self.encode_s += time.perf_counter() - begin
+            self.encode_timed += 1
+        return params, states
+
+    def encode_s_per_micro_step(self) -> float:
+        return self.encode_s / max(self.encode_timed, 1)
+
+    def loss(self, unet: Any, params: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        # The engine hands over the module itself on one GPU (then the compiled callable runs it); a wrapper (DDP)
+        # runs eagerly, so that its gradient synchronisation stays in the step.
+        if plan is not None and plan.compiled is not None and unet is self.setup.parts.unet:
+            unet = plan.compiled
+        return noise_prediction_loss(unet, params, states, self.setup.parts, self.recipe, self.kind, plan)
 
     def __call__(self, unet: Any, batch: dict[str, Any]) -> torch.Tensor:
-        latents, states = self.condition(batch)
-        return noise_prediction_loss(unet, latents, states, self.setup.parts.noise_scheduler, self.recipe, self.kind)
+        params, states = self.condition(batch)
+        self.micro_steps += 1
+        return self.loss(unet, params, states)
+
+    def probe_loss(self, dataset: Any, size: int) -> torch.Tensor:
+        """The eager loss of `size` images of `dataset`, read without its random flips/crops (for memory probes)."""
+        rows = [i % len(dataset) for i in range(size)]
+        if isinstance(dataset, LatentCache):
+            params, states = dataset.latents[rows, 0].to(self.device), dataset.states[rows].to(self.device)
+        else:
+            pixels = torch.stack([dataset.pixels(i, False, center=True) for i in rows])
+            params = _encode_pixels(self.setup.parts, pixels, self.setup.dtype)
+            states = _encode_text(self.setup.parts, dataset.input_ids[rows])
+        dtype = self.setup.dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return noise_prediction_loss(self.setup.parts.unet, params, states, self.setup.parts, self.recipe, self.kind)
 
 
 @dataclass
@@ -294,13 +345,20 @@ def prepare(recipe: Recipe, run: RunDir) -> Prepared:
     cache = _build_cache(recipe, setup, device)
     _, note = resolve_optimizer(recipe.train.optimizer)
     setup.notes += [note] if note else []
-    _announce(recipe, setup, kind, cache)
     conditioning = Conditioning(recipe, setup, device, cache is not None, kind)
-    job = TrainJob(setup.parts.unet, setup.parts.tokenizer, cache or setup.data, None, "custom", recipe.train,
-                   recipe.seed, setup.context.precision, run.checkpoints_path, loss_fn=conditioning)
+    dataset = cache or setup.data
+    unet = setup.parts.unet
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    micro, why = speed.plan_micro_batch(recipe, device, lambda n: conditioning.probe_loss(dataset, n), trainable)
+    plan = conditioning.plan = speed.apply(recipe, unet, device, setup.context.precision, micro, why)
+    setup.notes += plan.notes
+    _announce(recipe, setup, kind, cache)
+    job = TrainJob(unet, setup.parts.tokenizer, dataset, None, "custom", plan.job_train(recipe), recipe.seed,
+                   setup.context.precision, run.checkpoints_path, loss_fn=conditioning)
     summary = dict(data=setup.stats.as_dict(), precision=setup.context.precision,
                    attn_implementation=setup.context.attn_implementation, prediction_type=kind, notes=setup.notes,
-                   trainable_params=setup.params.trainable, total_params=setup.params.total, unet=setup.unet_facts)
+                   trainable_params=setup.params.trainable, total_params=setup.params.total, unet=setup.unet_facts,
+                   speed=plan.facts)
     return Prepared(recipe, job, DiffusionRun(setup, cache, conditioning, device), setup.context, summary,
                     counter_class=ImageCounter)
 
@@ -313,6 +371,9 @@ def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, A
     """The cache report and the sample grid (base vs adapter)."""
     state, recipe = prepared.setup, prepared.recipe
     summary = {"latent_cache": cache_report(state, prepared.counter.total(), result.runtime_s)}
+    plan = state.conditioning.plan
+    if plan is not None and plan.cache is not None and run.writer:
+        summary["compile_cache"] = plan.save_compile_cache()
     if state.cache is not None:
         _place_frozen(state.setup.parts, state.device)
     if recipe.eval.prompts and run.writer:
@@ -333,13 +394,13 @@ def cache_report(state: DiffusionRun, counted: ImageCounter, runtime: float) -> 
         return {"enabled": True, "build_s": round(cache.seconds, 3), "step_s": round(step_s, 4),
                 "step_s_without_cache_est": round(step_s + encode, 4),
                 "saved_pct_est": round(100 * encode / (step_s + encode), 1)}
-    encode = state.conditioning.encode_s / micro
-    return {"enabled": False, "encode_s_per_step": round(encode, 4), "step_s": round(step_s, 4),
+    encode = state.conditioning.encode_s_per_micro_step()
+    return {"enabled": False, "encode_s_per_step": round(encode, 4), "encode_steps_timed": state.conditioning.encode_timed, "step_s": round(step_s, 4),
             "step_s_with_cache_est": round(step_s - encode, 4), "saved_pct_est": round(100 * encode / step_s, 1)}
 
 
 def _build_cache(recipe: Recipe, setup: DiffusionSetup, device: torch.device) -> LatentCache | None:
-    if not recipe.data.images.cache:
+    if not recipe.data.images.cached:
         return None
     cache = LatentCache(setup.data, setup.parts, setup.dtype, recipe.train.batch_size)
     if device.type == "cuda":  # not needed until sampling: give their memory to training
@@ -479,10 +540,10 @@ def doctor(recipe: Recipe) -> list[str]:
     up.check(bool(trainable) and all(".lora_" in n for n in trainable), f"{len(trainable)} trainable tensors, all LoRA",
              f"trainable tensors outside LoRA or none at all: {[n for n in trainable if '.lora_' not in n][:3]}")
     batch = next(iter(torch.utils.data.DataLoader(setup.data, batch_size=recipe.train.batch_size)))
-    latents = _encode_pixels(setup.parts, batch["pixel_values"], setup.dtype)
+    params = _encode_pixels(setup.parts, batch["pixel_values"], setup.dtype)
     states = _encode_text(setup.parts, batch["input_ids"])
     with torch.autocast(device.type, dtype=setup.dtype, enabled=setup.dtype != torch.float32):
-        loss = noise_prediction_loss(unet, latents, states, setup.parts.noise_scheduler, recipe, kind)
+        loss = noise_prediction_loss(unet, params, states, setup.parts, recipe, kind)
     loss.backward()
     grads = all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
     up.check(math.isfinite(loss.item()) and loss.item() > 0, f"forward: loss {loss.item():.4f} is finite and > 0",
