@@ -40,6 +40,9 @@ def test_fast_engine_trains_evaluates_and_saves_through_the_skeleton(tmp_path):
     assert [r["step"] for r in run.metrics() if r.get("kind") == "eval"] == [2, 4]  # eval_steps, by the hf Trainer
     assert summary["eval_loss"] > 0 and "tokens per micro-batch" in summary["plan_text"]
     assert summary["tokens"] > 0 and summary["samples"] == 16  # 4 steps x 2 x 2 rows, counted per document
+    budget = summary["plan"]["budget"]  # padded tokens: whole packed rows, their trailing padding included
+    assert summary["padded_tokens"] > summary["tokens"] and summary["padded_tokens"] % budget == 0
+    assert summary["compile_s"] is None and summary["steady_tokens_per_s"] > 0  # the CPU compiles nothing
     assert (run.adapter_path / "adapter_model.safetensors").is_file()
 
 

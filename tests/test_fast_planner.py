@@ -116,3 +116,41 @@ def test_model_flops_is_the_reference_formula():
     assert model_flops(config, 1000, 50_000, True) == (6 * n_layers + 4 * n_head) * 1000 + 16 * 26 * 2048 * 50_000
     gpt2 = load_model_config(ModelConfig(source="preset:dialogpt-medium"))
     assert model_flops(gpt2, 10, 0, False, lm_head=False) == 4 * 24 * 12 * 1024 * 1024 * 10
+
+
+def test_evaluation_and_generation_shapes_run_the_layers_without_compiling():
+    """Between training steps (eager()) and after training (uncompile_layers) the padded batches of evaluation and
+    generation reuse no compiled graph and make no new one; without them a new shape compiles again."""
+    from peftlab.engines.fast.compile import eager, uncompile_layers
+
+    torch._dynamo.reset()
+    fast = tiny_fast_model()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    (batch,) = pack_step(steps_of([[30, 20]])[0], 128, "sft", 2)
+
+    def padded_forward(length: int) -> None:
+        fast.restore_attention()
+        with torch.no_grad():
+            fast.peft_model(input_ids=torch.ones(2, length, dtype=torch.long))
+        fast.use_packed_attention()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_layers(fast, backend=counting_backend)
+        fast.loss(batch).backward()
+        compiled = len(graphs)
+        assert compiled > 0
+        with eager():
+            padded_forward(17)
+        assert len(graphs) == compiled
+        uncompile_layers(fast)
+        padded_forward(23)
+        assert len(graphs) == compiled
+        compile_layers(fast, backend=counting_backend)  # the contrast: compiled layers meet a new shape
+        padded_forward(29)
+        assert len(graphs) > compiled

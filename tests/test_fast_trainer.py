@@ -97,3 +97,44 @@ def test_unsupported_says_why():
     assert "llama" in unsupported("llama", "sft", "bf16", "lora")
     assert "fp16" in unsupported("gpt2", "classify", "fp16", "lora")
     assert "QLoRA" in unsupported("gpt2", "classify", "bf16", "qlora")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_step_clock_keeps_compiling_steps_and_hook_work_out_of_the_steady_state(monkeypatch):
+    """First sight of a micro-batch shape = a compile (first step, a new budget later); an evaluation in a hook is
+    neither. A fake clock: steps 1 and 3 compile (5 s, 4 s), steps 2 and 4 take 1 s, a 3 s evaluation after step 2."""
+    from types import SimpleNamespace
+
+    from peftlab.engines.fast.trainer import _StepClock
+
+    clock = FakeClock()
+    monkeypatch.setattr("peftlab.engines.fast.trainer.time.perf_counter", clock)
+
+    class Inner:
+        def on_micro_batch(self, batch) -> None:
+            pass
+
+        def on_step_end(self, step: int) -> bool:
+            clock.now += 3.0 if step == 2 else 0.0
+            return False
+
+    timer = _StepClock(Inner(), compiled=True)
+    for step, (budget, seconds) in enumerate([(256, 5.0), (256, 1.0), (512, 4.0), (256, 1.0)], start=1):
+        timer.on_micro_batch(SimpleNamespace(budget=budget, tokens=100 * step, sum_sq=step))
+        clock.now += seconds
+        timer.on_step_end(step)
+    assert timer.compile_s == 9.0 and timer.steady_s == 2.0 and timer.first_step_s == 5.0
+    assert (timer.tokens, timer.steady_tokens, timer.steady_sq) == (1000, 600, 6)
+
+    eager = _StepClock(Inner(), compiled=False)  # the CPU compiles nothing: every step is steady
+    eager.on_micro_batch(SimpleNamespace(budget=256, tokens=7, sum_sq=49))
+    clock.now += 2.0
+    eager.on_step_end(1)
+    assert eager.compile_s == 0.0 and eager.steady_s == 2.0 and eager.steady_tokens == 7

@@ -14,6 +14,7 @@ invalid: the model config, the token budget, precision, checkpointing, the devic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -36,6 +37,21 @@ def compile_layers(model: FastModel, mode: str | None = None, backend: str = "in
     for layer in model.decoder_layers:
         layer.compile(dynamic=False, mode=mode, backend=backend)
     return len(model.decoder_layers)
+
+
+def uncompile_layers(model: FastModel) -> None:
+    """Give the decoder layers back their eager forward (after training: evaluation and generation run padded
+    batches of ever-changing shapes, on which the static-shape compiled layers would recompile until dynamo's
+    recompile limit). nn.Module.compile keeps its compiled call in `_compiled_call_impl` and torch has no public
+    way back; None is the attribute's value before compile()."""
+    for layer in model.decoder_layers:
+        layer._compiled_call_impl = None
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Run compiled code eagerly inside the block (an evaluation between training steps): no new compile, no
+    recompile, and the compiled graphs stay for the next training step."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from peftlab.engines import EngineResult, Prediction, TrainJob
+from peftlab.engines.fast.compile import eager
 from peftlab.engines.fast.loop import StepHooks
 from peftlab.engines.fast.packing import PackedBatch, steps_per_epoch, total_steps
 from peftlab.engines.fast.trainer import FastTrainer, unsupported
@@ -92,9 +93,10 @@ class _Hooks(StepHooks):
 
     def on_micro_batch(self, batch: PackedBatch) -> None:
         # The monitor's counter reads padded batches; a packed row's padding is one trailing segment, so its real
-        # part (documents counted by their position 0) is what it counts. The padding share is in the summary plan.
+        # part (documents counted by their position 0) is what it counts as tokens, and the whole row as padded.
         n = batch.tokens
-        counted = {"input_ids": batch.input_ids[:, :n], "position_ids": batch.position_ids[:, :n]}
+        counted = {"input_ids": batch.input_ids[:, :n], "position_ids": batch.position_ids[:, :n],
+                   "padded_numel": batch.budget}
         counted["labels"] = batch.class_labels if self.fast.task == "classify" else batch.targets[None, :n]
         self.hooks.micro_batch(counted)
 
@@ -116,11 +118,13 @@ class _Hooks(StepHooks):
         return bool(self.request.signal_name) or self.hooks.should_stop()
 
     def evaluate(self, step: int) -> None:
-        """An evaluation at eval_steps, with the model's own attention (padded batches), then back to training."""
+        """An evaluation at eval_steps, with the model's own attention (padded batches) and eager layers, then back to
+        training."""
         model = self.fast.model
         model.restore_attention()
         try:
-            metrics = self.evaluator().evaluate(self.job.eval_dataset, metric_key_prefix="eval")
+            with eager():  # padded eval batches would recompile the static-shape layers
+                metrics = self.evaluator().evaluate(self.job.eval_dataset, metric_key_prefix="eval")
         finally:
             model.use_packed_attention()
             model.peft_model.train()
