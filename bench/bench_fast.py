@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     cache_hit = cache.load() if args.compile else False
     if args.compile:  # before planning: the planner's first trial step is the compile
         backend = "inductor" if device.type == "cuda" else "aot_eager"
-        compile_layers(fast, backend=backend)
+        compile_layers(fast, mode=args.compile_mode, backend=backend)
         compile_loss_core(fast, backend=backend)
     t0 = time.perf_counter()
     chosen = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH,
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     flops = model_flops(fast.config, hooks.tokens, hooks.sum_sq, checkpointing)
+    profile = profiled(loop, packed[args.warmup:args.warmup + args.profile], args) if args.profile else None
     return {
         "name": args.name, "recipe": "gemma2-dolly", "model": "preset:tiny-gemma2" if args.tiny else "preset:gemma-2-2b",
         "rows_per_step": args.rows_per_step, "compile": args.compile,
@@ -168,7 +169,38 @@ def run(args: argparse.Namespace) -> dict:
                     "compile_s": round(plan_s + warm[0] - float(np.median(warm[1:] or warm)), 1),
                     "compile_cache": {"hit": cache_hit, "saved": saved}},
         "flops_model": "engines/fast/flops.py (= bench-hf sft_gemma2.model_flops)",
+        "profile": profile,
     }
+
+
+def profiled(loop: FastLoop, packed: list[list[PackedBatch]], args: argparse.Namespace) -> dict:
+    """torch.profiler over `packed` steps (already compiled shapes): the wall time per step (the profiler slows the
+    host) against the GPU's busy time (the kernels' own times; one stream), the top kernels/ops by device time in
+    `<out>.profile.txt`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    hooks = Counter()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for micro in packed:
+            loop.step(micro, hooks)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    # device-side events only: an op (aten::mm) or a kernel's launch record carries its kernels' time again
+    device_events = [e for e in events if e.device_type.name == "CUDA"]
+    busy_us = sum(e.self_device_time_total for e in device_events)
+    kernels = sum(e.count for e in device_events)
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    Path(args.out).with_suffix(".profile.txt").write_text(
+        f"{len(packed)} optimizer steps, {args.rows_per_step} rows each; wall {wall:.3f} s, GPU busy "
+        f"{busy_us / 1e6:.3f} s\n{table}\n")
+    return {"steps": len(packed), "wall_s_per_step": round(wall / len(packed), 4),
+            "gpu_busy_s_per_step": round(busy_us / 1e6 / len(packed), 4),
+            "gpu_busy_fraction": round(busy_us / 1e6 / wall, 3), "kernels_per_step": round(kernels / len(packed), 1)}
 
 
 def versions() -> dict:
@@ -213,6 +245,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="tokens per micro-batch (default: the planner's)")
     ap.add_argument("--memory-limit-gib", type=float, default=None, help="train.memory_limit_gib for the planner")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the layers (e.g. reduce-overhead)")
+    ap.add_argument("--profile", type=int, default=0, help="then profile this many steps (<out>.profile.txt)")
     ap.add_argument("--tiny", action="store_true", help="tiny-gemma2 on the CPU (smoke test)")
     ap.add_argument("--lengths", default=str(LENGTHS))
     ap.add_argument("--reference", nargs="*", default=[], help="bench-hf result JSON files to compare with")
