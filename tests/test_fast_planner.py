@@ -154,3 +154,35 @@ def test_evaluation_and_generation_shapes_run_the_layers_without_compiling():
         compile_layers(fast, backend=counting_backend)  # the contrast: compiled layers meet a new shape
         padded_forward(29)
         assert len(graphs) > compiled
+
+
+def test_regional_compile_traces_a_4bit_base_whole(tiny_recipe, monkeypatch):
+    """QLoRA under regional compile: bitsandbytes' 4-bit matmul is a registered torch op, so each layer stays one
+    graph (no graph break) and gives the eager loss and gradients (aot_eager on the CPU, as above)."""
+    import bitsandbytes.nn.modules
+    from torch._dynamo.utils import counters
+
+    from peftlab.tasks import sft
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)  # one bnb CPU path
+    recipe = tiny_recipe({"method.name": "qlora", "method.lora.dropout": 0.0, "data.max_samples": 20,
+                          "data.eval_fraction": 0.0, "data.max_length": 64})
+    setup = sft.build(recipe)
+    fast = FastModel(setup.model, "sft")
+    assert sum(type(m).__name__ == "Linear4bit" for m in fast.decoder_layers.modules()) > 0
+    (batch,) = pack_step([setup.data.train[i] for i in range(3)], 256, "sft", 3)
+    torch._dynamo.reset()
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = fast.loss(batch)
+        eager.backward()
+        want = [p.grad.clone() for _, p in fast.trainable_parameters()]
+        fast.peft_model.zero_grad(set_to_none=True)
+        compile_layers(fast, backend="aot_eager")
+        compiled = fast.loss(batch)
+        compiled.backward()
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+    for (_, p), g in zip(fast.trainable_parameters(), want, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)

@@ -96,7 +96,8 @@ def test_unsupported_says_why():
     assert "diffusion" in unsupported("gemma2", "diffusion", "bf16", "lora")
     assert "llama" in unsupported("llama", "sft", "bf16", "lora")
     assert "fp16" in unsupported("gpt2", "classify", "fp16", "lora")
-    assert "QLoRA" in unsupported("gpt2", "classify", "bf16", "qlora")
+    assert unsupported("gpt2", "classify", "bf16", "qlora") is None  # a bitsandbytes 4-bit base, same packed path
+    assert "8-bit" in unsupported("gemma2", "sft", "bf16", "8-bit LoRA")
 
 
 class FakeClock:

@@ -41,7 +41,8 @@ class FastEngine:
             return "no CUDA device (auto keeps the hf reference on the CPU; --set train.engine=fast runs it there)"
         base = job.model.get_base_model() if hasattr(job.model, "get_base_model") else job.model
         model_type = getattr(getattr(base, "config", None), "model_type", "unknown")
-        method = "qlora" if getattr(base, "is_loaded_in_4bit", False) else "lora"
+        method = ("qlora" if getattr(base, "is_loaded_in_4bit", False) else
+                  "8-bit LoRA" if getattr(base, "is_loaded_in_8bit", False) else "lora")
         why = unsupported(model_type, TASKS.get(job.loss_kind, job.loss_kind), job.precision, method)
         if why is None and job.train.best_metric:
             why = "train.best_metric (keeping the best checkpoint is not built in the fast engine)"

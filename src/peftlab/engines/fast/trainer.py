@@ -35,8 +35,8 @@ def unsupported(model_type: str, task: str, precision: str, method: str) -> str 
         return f"model family {model_type} (supported: {', '.join(SUPPORTED_FAMILIES)})"
     if precision not in ("bf16", "fp32"):
         return f"precision {precision} (bf16 or fp32; fp16 needs a grad scaler)"
-    if method != "lora":
-        return f"method {method} (QLoRA on the fast engine is not built yet)"
+    if method not in ("lora", "qlora"):
+        return f"method {method} (the fast engine trains LoRA on a bf16/fp32 or a bitsandbytes 4-bit base)"
     return None
 
 
