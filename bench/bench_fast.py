@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     steps = [rows[i:i + args.rows_per_step] for i in range(0, len(rows), args.rows_per_step)]
     device_gib = torch.cuda.get_device_properties(0).total_memory / GIB if device.type == "cuda" else None
     sample = steps[-64:]
-    preferred = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH).budget  # padding only: the usual plan
-    cache = CompileCache(cache_key(fast, preferred, False))
+    preferred = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH)  # padding only: the usual plan
+    cache = CompileCache(cache_key(fast, preferred.budget, False, preferred.sizes))
     cache_hit = cache.load() if args.compile else False
     if args.compile:  # before planning: the planner's first trial step is the compile
         backend = "inductor" if device.type == "cuda" else "aot_eager"
@@ -127,11 +127,12 @@ def run(args: argparse.Namespace) -> dict:
     plan_s = time.perf_counter() - t0
     say(f"init {init_s:.1f}s; plan (with the compile of its trial shapes) {plan_s:.1f}s: {chosen.describe()}")
     budget = args.budget or chosen.budget
+    sizes = () if args.budget or not args.row_sizes else chosen.sizes
     checkpointing = chosen.gradient_checkpointing if not args.budget else False
     fast.set_checkpointing(checkpointing)
     train = TrainConfig(lr=2e-4, scheduler="cosine", warmup_ratio=0.03)
     loop = FastLoop(fast, LoopSettings.from_train_config(train, total_steps=n_steps))
-    packed = [[b.pin_memory() if device.type == "cuda" else b for b in pack_step(s, budget, "sft", 1)]
+    packed = [[b.pin_memory() if device.type == "cuda" else b for b in pack_step(s, budget, "sft", 1, sizes=sizes)]
               for s in steps[:args.warmup + args.steps]]
     fast.peft_model.train()
     hooks = Counter()
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         "name": args.name, "recipe": "gemma2-dolly", "model": "preset:tiny-gemma2" if args.tiny else "preset:gemma-2-2b",
         "rows_per_step": args.rows_per_step, "compile": args.compile,
         "plan": chosen.as_dict() | {"describe": chosen.describe()},
-        "budget": budget, "gradient_checkpointing": checkpointing,
+        "budget": budget, "row_sizes": list(sizes), "gradient_checkpointing": checkpointing,
         "metrics": {
             "measured_steps": args.steps, "seconds": round(seconds, 3),
             "steps_per_s": round(args.steps / seconds, 3), "samples_per_s": round(hooks.rows / seconds, 2),
@@ -243,6 +244,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rows-per-step", type=int, default=8, help="the recipe's batch 1 x grad accumulation 8")
     ap.add_argument("--budget", type=int, default=None, help="tokens per micro-batch (default: the planner's)")
+    ap.add_argument("--row-sizes", action=argparse.BooleanOptionalAction, default=True,
+                    help="cut packed rows to the planner's smaller size when they fit (--no-row-sizes: one shape)")
     ap.add_argument("--memory-limit-gib", type=float, default=None, help="train.memory_limit_gib for the planner")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the layers (e.g. reduce-overhead)")

@@ -58,7 +58,20 @@ def test_trials_stop_at_the_cheapest_budget_that_fits():
         return budget / 1024
 
     chosen = plan(steps, "sft", 1, 768, trial, memory_limit_gib=40.0)
-    assert trials == [(1024, False)] and chosen.budget == 1024 and chosen.peak_gib == 1.0
+    # 2,048 with 1,024-token rows where they fit: the 1k steps take one 1,024 row as with a 1,024 budget, the
+    # 4.2k step three 2,048 rows instead of six 1,024 ones
+    assert trials == [(2048, False)] and chosen.budget == 2048 and chosen.sizes == (1024,)
+    assert chosen.peak_gib == 2.0 and chosen.rows_per_step == 1.2
+
+
+def test_rows_that_fit_the_smaller_size_are_cut_to_it():
+    steps = steps_of([[700, 300, 200, 100]] * 2 + [[500, 300]] * 2)  # 1,300 and 800 tokens per step
+    one_shape = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1)]
+    two_shapes = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1, sizes=(1024,))]
+    assert one_shape == [2048] * 4 and two_shapes == [2048, 2048, 1024, 1024]
+    chosen = plan(steps, "sft", 1, 768)
+    assert chosen.budget == 2048 and chosen.sizes == (1024,) and "rows that fit: 1024" in chosen.describe()
+    assert chosen.padding_fraction == pytest.approx(1 - 4200 / 6144)
 
 
 def tiny_fast_model():

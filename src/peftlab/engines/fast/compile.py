@@ -60,15 +60,16 @@ def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:
     model.ce_core = torch.compile(chunk_loss_and_grad, dynamic=False, backend=backend)
 
 
-def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool) -> str:
-    """A short hash of everything a compiled graph depends on (architecture, shapes, dtypes, versions, device)."""
+def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool, sizes: tuple[int, ...] = ()) -> str:
+    """A short hash of everything a compiled graph depends on (architecture, quantization, shapes: the budget and
+    the smaller row sizes, dtypes, versions, device)."""
     import peft
     import transformers
 
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
     lora = model.peft_model.peft_config[model.peft_model.active_adapter]
     parts = {
-        "config": model.config.to_dict(), "budget": budget, "precision": model.precision, "task": model.task,
+        "config": model.config.to_dict(), "budget": [budget, *sizes], "precision": model.precision, "task": model.task,
         "checkpointing": gradient_checkpointing, "lora": {"r": lora.r, "targets": sorted(lora.target_modules)},
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "device": device,

@@ -173,8 +173,8 @@ class FastTrainer:
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
         the CE core; returns whether the cache had artifacts. The planner's first trial is then the compile."""
-        preferred = self.plan(dataset, seed, measure=False).budget
-        self.cache = CompileCache(cache_key(self.model, preferred, False))
+        preferred = self.plan(dataset, seed, measure=False)
+        self.cache = CompileCache(cache_key(self.model, preferred.budget, False, preferred.sizes))
         hit = self.cache.load()
         compile_layers(self.model)
         compile_loss_core(self.model)
@@ -203,7 +203,7 @@ class FastTrainer:
             start = resume["step"]
         clock = _StepClock(hooks, compiled=cuda)
         steps = packed_steps(self._steps(dataset, seed, start), chosen.budget, self.task, t.batch_size,
-                             self.pad_token_id)
+                             self.pad_token_id, chosen.sizes)
         try:
             result = self.loop.run(steps, clock, start_step=start)
         finally:
