@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftlab.config import LoraSettings, ModelConfig, TrainConfig
+from peftlab.config import LoraSettings, ModelConfig, QuantSettings, TrainConfig
 from peftlab.engines.fast import FastLoop, FastModel, LoopSettings, PackedBatch, pack_step
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core
 from peftlab.engines.fast.flops import PEAK_FLOPS, model_flops
@@ -71,15 +71,24 @@ def dolly_rows(n: int, vocab: int, lengths_file: Path, seed: int = 0) -> list[di
     return rows
 
 
-def build(tiny: bool, device: torch.device) -> tuple[FastModel, float]:
-    config = loader.load_model_config(ModelConfig(source="preset:tiny-gemma2" if tiny else "preset:gemma-2-2b"))
+def build(tiny: bool, device: torch.device, qlora: bool = False) -> tuple[FastModel, float]:
+    """The recipe's model: random weights of the architecture; qlora: the preset's weights loaded in 4 bits as
+    the qlora method loads them (bitsandbytes NF4, double quantization, compute dtype = precision, lean k-bit
+    preparation)."""
+    source = ModelConfig(source="preset:tiny-gemma2" if tiny else "preset:gemma-2-2b")
+    config = loader.load_model_config(source)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if qlora:
+        quant = adapt.bnb_quantization_config(QuantSettings(), compute_dtype=dtype)
+        model = loader.load_causal_lm(source, dtype, "eager", quantization_config=quant)
+        adapt.prepare_kbit(model, "lean", gradient_checkpointing=False)
+    else:
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     peft_model = adapt.apply_lora(model, LoraSettings())  # the recipe's LoRA: r16/alpha32/dropout 0.05, 7 targets
     builder = torch.compile(create_block_mask(), dynamic=False) if device.type == "cuda" else None
     fast = FastModel(peft_model, "sft", "bf16" if device.type == "cuda" else "fp32", ce_chunk=2048,
@@ -107,7 +116,7 @@ def timed_step(loop: FastLoop, micro: list[PackedBatch], hooks: Counter, sync: b
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fast, init_s = build(args.tiny, device)
+    fast, init_s = build(args.tiny, device, args.qlora)
     n_steps = args.warmup + args.steps + 64
     rows = dolly_rows(n_steps * args.rows_per_step, fast.config.vocab_size, Path(args.lengths))
     steps = [rows[i:i + args.rows_per_step] for i in range(0, len(rows), args.rows_per_step)]
@@ -152,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     profile = profiled(loop, packed[args.warmup:args.warmup + args.profile], args) if args.profile else None
     return {
         "name": args.name, "recipe": "gemma2-dolly", "model": "preset:tiny-gemma2" if args.tiny else "preset:gemma-2-2b",
-        "rows_per_step": args.rows_per_step, "compile": args.compile,
+        "method": "qlora" if args.qlora else "lora", "rows_per_step": args.rows_per_step, "compile": args.compile,
         "plan": chosen.as_dict() | {"describe": chosen.describe()},
         "budget": budget, "row_sizes": list(sizes), "gradient_checkpointing": checkpointing,
         "metrics": {
@@ -250,6 +259,7 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the layers (e.g. reduce-overhead)")
     ap.add_argument("--profile", type=int, default=0, help="then profile this many steps (<out>.profile.txt)")
+    ap.add_argument("--qlora", action="store_true", help="the 4-bit base of method qlora (bitsandbytes NF4)")
     ap.add_argument("--tiny", action="store_true", help="tiny-gemma2 on the CPU (smoke test)")
     ap.add_argument("--lengths", default=str(LENGTHS))
     ap.add_argument("--reference", nargs="*", default=[], help="bench-hf result JSON files to compare with")

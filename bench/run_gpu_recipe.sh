@@ -4,7 +4,7 @@
 # Usage (device tool, carry .bench-hf and the tree): OUT=$OUT bash bench/run_gpu_recipe.sh
 #   WARM_START=1: instead, the fast engine twice in a row on an empty compile cache (cold, then warm), each timed
 #   from the command's launch to its first optimizer step (the first train record in metrics.jsonl, logged every
-#   step): $OUT/warm_start.json.
+#   step): $OUT/warm_start.json. START_STEPS (default 30), START_LIMIT (s per run, default 200), START_ARGS.
 set -u
 source bench/gpu_env.sh
 RUNS=/tmp/runs-recipe
@@ -27,7 +27,8 @@ one() {  # one NAME LIMIT_S ARGS...: one CLI run; prints launch-to-first-step se
 if [ -n "${WARM_START:-}" ]; then
   rm -rf "$PEFTLAB_CACHE/compile"
   for name in cold warm; do
-    one "$name" "${START_LIMIT:-200}" --set train.max_steps="${START_STEPS:-30}" --set train.logging_steps=1
+    # shellcheck disable=SC2086  # START_ARGS: more --set words (e.g. a shorter generation after training)
+    one "$name" "${START_LIMIT:-200}" --set train.max_steps="${START_STEPS:-30}" --set train.logging_steps=1 ${START_ARGS:-}
     echo "{\"$name\": $(sed 's/none/null/' /tmp/first_step.txt)}" > "/tmp/first_$name.json"
   done
   python3 - "$OUT" <<'PY'
