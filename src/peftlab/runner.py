@@ -159,8 +159,8 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
 
 def _speed(summary: dict[str, Any]) -> str:
     """The fast engine's compile time apart from its steady-state speed, for the finish line ("" without them)."""
-    if summary.get("compile_s") is None and summary.get("steady_tokens_per_s") is None:
+    compile_s, rate, mfu = summary.get("compile_s"), summary.get("steady_tokens_per_s"), summary.get("mfu")
+    if rate is None:
         return ""
-    mfu = summary.get("mfu")
-    return (f"; compile {summary.get('compile_s')} s, then {summary.get('steady_tokens_per_s')} tokens/s"
+    return ((f"; compile {compile_s} s, then" if compile_s is not None else ";") + f" {rate:.0f} tokens/s"
             + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
