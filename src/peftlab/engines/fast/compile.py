@@ -31,9 +31,18 @@ from peftlab.runs import atomic_dir
 ARTIFACTS = "artifacts.bin"
 
 
+# Graph variants per static row shape of one layer graph: the first layer's input needs no gradient (frozen
+# embeddings) and the others' does; Gemma's sliding and full layers take different mask functions: 3 on Gemma
+# 2/3, x2 when activation checkpointing is switched on after a plain trial. Dynamo's default of 8 entries per
+# function was hit on the H200 with two row shapes (bench/README.md, Issue 11); past it, dynamo silently runs
+# the layer eagerly. So the limit is raised for the process (dynamo's config is process-wide).
+RECOMPILE_LIMIT = 32
+
+
 def compile_layers(model: FastModel, mode: str | None = None, backend: str = "inductor") -> int:
     """Compile every decoder layer of `model` in place (nn.Module.compile); returns the number of layers.
     mode: torch.compile mode (None = default; "max-autotune-no-cudagraphs" tunes GEMMs longer)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in model.decoder_layers:
         layer.compile(dynamic=False, mode=mode, backend=backend)
     return len(model.decoder_layers)

@@ -144,6 +144,7 @@ def trial_peak_gib(model: FastModel, task: Task, max_length: int) -> Callable[[i
         rows = [{"input_ids": [1] * n, "labels": [1] * n if task == "sft" else 0} for n in lengths]
         (batch,) = pack_step(rows, budget, task, batch_size=len(rows))
         model.set_checkpointing(checkpointing)
+        model.peft_model.train()  # as the loop runs it: dropout's memory, and the graph the loop reuses
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
