@@ -90,3 +90,14 @@ def test_auto_keeps_the_hf_reference_on_the_cpu():
     recipe = load_recipe("tiny-gemma2-dolly")
     job = TrainJob(None, None, [], None, "causal_lm", recipe.train, 0, "fp32", Path("checkpoints"), max_length=64)
     assert resolve_engine("auto", job).name == "hf"
+
+
+def test_several_processes_keep_the_hf_engine(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) the fast engine would train each rank alone (no gradient all-reduce): auto
+    takes hf, and an explicit train.engine=fast says why."""
+    from peftlab.engines.fast.engine import FastEngine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = with_overrides(load_recipe("tiny-gemma2-dolly"), {"train.engine": "fast"})
+    job = TrainJob(None, None, [], None, "causal_lm", recipe.train, 0, "bf16", Path("checkpoints"), max_length=64)
+    assert "several processes" in FastEngine.supports(job)
