@@ -40,8 +40,9 @@ class FastEngine:
     def supports(cls, job: TrainJob) -> str | None:
         if job.train.engine == "auto" and not torch.cuda.is_available():
             return "no CUDA device (auto keeps the hf reference on the CPU; --set train.engine=fast runs it there)"
-        if ranks().distributed:  # each rank would train alone: the loop all-reduces no gradients
-            return "several processes (the fast engine trains in one process; --gpus N runs the hf engine's DDP/FSDP)"
+        if ranks().distributed:  # FastLoop is data-parallel; this adapter's checkpoints/evaluation are single-process
+            return ("several processes (the fast engine's checkpoints and evaluation run in one process; --gpus N "
+                    "runs the hf engine's DDP/FSDP)")
         base = job.model.get_base_model() if hasattr(job.model, "get_base_model") else job.model
         model_type = getattr(getattr(base, "config", None), "model_type", "unknown")
         method = ("qlora" if getattr(base, "is_loaded_in_4bit", False) else

@@ -18,7 +18,7 @@ import torch
 from peftlab.engines.fast.attention import attention_dropout_note
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
 from peftlab.engines.fast.flops import mfu, model_flops
-from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks
+from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks, processes
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
 from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
 from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
@@ -143,6 +143,8 @@ class FastTrainer:
     "classify". train: config.TrainConfig (batch_size, grad_accum, epochs, max_steps, lr, scheduler, warmup,
     weight_decay, max_grad_norm, logging_steps, and memory_limit_gib when the config has it). precision: "bf16" |
     "fp32". max_length: data.max_length (the longest row). pad_token_id: classify's pooling rule.
+    Under an initialised process group (torchrun) it is data-parallel: batch_size x grad_accum rows per process
+    per optimizer step, as the Trainer's DDP (FastLoop says how; tests/test_fast_trainer.py checks it with gloo).
     """
 
     def __init__(self, peft_model: Any, task: Task, train: Any, precision: str, max_length: int,
@@ -157,14 +159,17 @@ class FastTrainer:
         self.train, self.task, self.max_length, self.pad_token_id = train, task, max_length, pad_token_id
         self.loop: FastLoop | None = None
         self.cache: CompileCache | None = None
+        self.rank, self.world = (torch.distributed.get_rank(), processes()) if processes() > 1 else (0, 1)
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
-        rows = step_rows(dataset, self.train.batch_size, self.train.grad_accum, seed)
+        """The whole optimizer steps' rows (every process's share: batch_size x grad_accum rows per process)."""
+        rows = step_rows(dataset, self.train.batch_size * self.world, self.train.grad_accum, seed)
         return itertools.islice(rows, skip, None)
 
     def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
         """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
-        sample = list(itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS))
+        steps = itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS)
+        sample = [rows[self.rank::self.world] for rows in steps]  # what this process packs
         return plan(sample, self.task, self.train.batch_size, self.max_length,
                     trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
                     getattr(self.train, "memory_limit_gib", None),
@@ -191,8 +196,8 @@ class FastTrainer:
         plan_s = time.perf_counter() - began
         self.model.set_checkpointing(chosen.gradient_checkpointing)
         t = self.train
-        settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size, t.grad_accum, t.epochs,
-                                                                 t.max_steps))
+        settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size * self.world, t.grad_accum,
+                                                                 t.epochs, t.max_steps))
         self.loop = FastLoop(self.model, settings)
         start = 0
         if resume:
@@ -203,7 +208,7 @@ class FastTrainer:
             start = resume["step"]
         clock = _StepClock(hooks, compiled=cuda)
         steps = packed_steps(self._steps(dataset, seed, start), chosen.budget, self.task, t.batch_size,
-                             self.pad_token_id, chosen.sizes)
+                             self.pad_token_id, chosen.sizes, self.rank, self.world)
         try:
             result = self.loop.run(steps, clock, start_step=start)
         finally:
