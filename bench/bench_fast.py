@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftlab.config import LoraSettings, ModelConfig, TrainConfig
+from peftlab.config import LoraSettings, ModelConfig, QuantSettings, TrainConfig
 from peftlab.engines.fast import FastLoop, FastModel, LoopSettings, PackedBatch, pack_step
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core
 from peftlab.engines.fast.flops import PEAK_FLOPS, model_flops
@@ -71,15 +71,24 @@ def dolly_rows(n: int, vocab: int, lengths_file: Path, seed: int = 0) -> list[di
     return rows
 
 
-def build(tiny: bool, device: torch.device) -> tuple[FastModel, float]:
-    config = loader.load_model_config(ModelConfig(source="preset:tiny-gemma2" if tiny else "preset:gemma-2-2b"))
+def build(tiny: bool, device: torch.device, qlora: bool = False) -> tuple[FastModel, float]:
+    """The recipe's model: random weights of the architecture; qlora: the preset's weights loaded in 4 bits as
+    the qlora method loads them (bitsandbytes NF4, double quantization, compute dtype = precision, lean k-bit
+    preparation)."""
+    source = ModelConfig(source="preset:tiny-gemma2" if tiny else "preset:gemma-2-2b")
+    config = loader.load_model_config(source)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if qlora:
+        quant = adapt.bnb_quantization_config(QuantSettings(), compute_dtype=dtype)
+        model = loader.load_causal_lm(source, dtype, "eager", quantization_config=quant)
+        adapt.prepare_kbit(model, "lean", gradient_checkpointing=False)
+    else:
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     peft_model = adapt.apply_lora(model, LoraSettings())  # the recipe's LoRA: r16/alpha32/dropout 0.05, 7 targets
     builder = torch.compile(create_block_mask(), dynamic=False) if device.type == "cuda" else None
     fast = FastModel(peft_model, "sft", "bf16" if device.type == "cuda" else "fp32", ce_chunk=2048,
@@ -107,18 +116,18 @@ def timed_step(loop: FastLoop, micro: list[PackedBatch], hooks: Counter, sync: b
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fast, init_s = build(args.tiny, device)
+    fast, init_s = build(args.tiny, device, args.qlora)
     n_steps = args.warmup + args.steps + 64
     rows = dolly_rows(n_steps * args.rows_per_step, fast.config.vocab_size, Path(args.lengths))
     steps = [rows[i:i + args.rows_per_step] for i in range(0, len(rows), args.rows_per_step)]
     device_gib = torch.cuda.get_device_properties(0).total_memory / GIB if device.type == "cuda" else None
     sample = steps[-64:]
-    preferred = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH).budget  # padding only: the usual plan
-    cache = CompileCache(cache_key(fast, preferred, False))
+    preferred = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH)  # padding only: the usual plan
+    cache = CompileCache(cache_key(fast, preferred.budget, False, preferred.sizes))
     cache_hit = cache.load() if args.compile else False
     if args.compile:  # before planning: the planner's first trial step is the compile
         backend = "inductor" if device.type == "cuda" else "aot_eager"
-        compile_layers(fast, backend=backend)
+        compile_layers(fast, mode=args.compile_mode, backend=backend)
         compile_loss_core(fast, backend=backend)
     t0 = time.perf_counter()
     chosen = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH,
@@ -127,11 +136,12 @@ def run(args: argparse.Namespace) -> dict:
     plan_s = time.perf_counter() - t0
     say(f"init {init_s:.1f}s; plan (with the compile of its trial shapes) {plan_s:.1f}s: {chosen.describe()}")
     budget = args.budget or chosen.budget
+    sizes = () if args.budget or not args.row_sizes else chosen.sizes
     checkpointing = chosen.gradient_checkpointing if not args.budget else False
     fast.set_checkpointing(checkpointing)
     train = TrainConfig(lr=2e-4, scheduler="cosine", warmup_ratio=0.03)
     loop = FastLoop(fast, LoopSettings.from_train_config(train, total_steps=n_steps))
-    packed = [[b.pin_memory() if device.type == "cuda" else b for b in pack_step(s, budget, "sft", 1)]
+    packed = [[b.pin_memory() if device.type == "cuda" else b for b in pack_step(s, budget, "sft", 1, sizes=sizes)]
               for s in steps[:args.warmup + args.steps]]
     fast.peft_model.train()
     hooks = Counter()
@@ -148,11 +158,12 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     flops = model_flops(fast.config, hooks.tokens, hooks.sum_sq, checkpointing)
+    profile = profiled(loop, packed[args.warmup:args.warmup + args.profile], args) if args.profile else None
     return {
         "name": args.name, "recipe": "gemma2-dolly", "model": "preset:tiny-gemma2" if args.tiny else "preset:gemma-2-2b",
-        "rows_per_step": args.rows_per_step, "compile": args.compile,
+        "method": "qlora" if args.qlora else "lora", "rows_per_step": args.rows_per_step, "compile": args.compile,
         "plan": chosen.as_dict() | {"describe": chosen.describe()},
-        "budget": budget, "gradient_checkpointing": checkpointing,
+        "budget": budget, "row_sizes": list(sizes), "gradient_checkpointing": checkpointing,
         "metrics": {
             "measured_steps": args.steps, "seconds": round(seconds, 3),
             "steps_per_s": round(args.steps / seconds, 3), "samples_per_s": round(hooks.rows / seconds, 2),
@@ -168,7 +179,38 @@ def run(args: argparse.Namespace) -> dict:
                     "compile_s": round(plan_s + warm[0] - float(np.median(warm[1:] or warm)), 1),
                     "compile_cache": {"hit": cache_hit, "saved": saved}},
         "flops_model": "engines/fast/flops.py (= bench-hf sft_gemma2.model_flops)",
+        "profile": profile,
     }
+
+
+def profiled(loop: FastLoop, packed: list[list[PackedBatch]], args: argparse.Namespace) -> dict:
+    """torch.profiler over `packed` steps (already compiled shapes): the wall time per step (the profiler slows the
+    host) against the GPU's busy time (the kernels' own times; one stream), the top kernels/ops by device time in
+    `<out>.profile.txt`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    hooks = Counter()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for micro in packed:
+            loop.step(micro, hooks)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    # device-side events only: an op (aten::mm) or a kernel's launch record carries its kernels' time again
+    device_events = [e for e in events if e.device_type.name == "CUDA"]
+    busy_us = sum(e.self_device_time_total for e in device_events)
+    kernels = sum(e.count for e in device_events)
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    Path(args.out).with_suffix(".profile.txt").write_text(
+        f"{len(packed)} optimizer steps, {args.rows_per_step} rows each; wall {wall:.3f} s, GPU busy "
+        f"{busy_us / 1e6:.3f} s\n{table}\n")
+    return {"steps": len(packed), "wall_s_per_step": round(wall / len(packed), 4),
+            "gpu_busy_s_per_step": round(busy_us / 1e6 / len(packed), 4),
+            "gpu_busy_fraction": round(busy_us / 1e6 / wall, 3), "kernels_per_step": round(kernels / len(packed), 1)}
 
 
 def versions() -> dict:
@@ -211,8 +253,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rows-per-step", type=int, default=8, help="the recipe's batch 1 x grad accumulation 8")
     ap.add_argument("--budget", type=int, default=None, help="tokens per micro-batch (default: the planner's)")
+    ap.add_argument("--row-sizes", action=argparse.BooleanOptionalAction, default=True,
+                    help="cut packed rows to the planner's smaller size when they fit (--no-row-sizes: one shape)")
     ap.add_argument("--memory-limit-gib", type=float, default=None, help="train.memory_limit_gib for the planner")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the layers (e.g. reduce-overhead)")
+    ap.add_argument("--profile", type=int, default=0, help="then profile this many steps (<out>.profile.txt)")
+    ap.add_argument("--qlora", action="store_true", help="the 4-bit base of method qlora (bitsandbytes NF4)")
     ap.add_argument("--tiny", action="store_true", help="tiny-gemma2 on the CPU (smoke test)")
     ap.add_argument("--lengths", default=str(LENGTHS))
     ap.add_argument("--reference", nargs="*", default=[], help="bench-hf result JSON files to compare with")

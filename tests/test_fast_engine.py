@@ -40,6 +40,9 @@ def test_fast_engine_trains_evaluates_and_saves_through_the_skeleton(tmp_path):
     assert [r["step"] for r in run.metrics() if r.get("kind") == "eval"] == [2, 4]  # eval_steps, by the hf Trainer
     assert summary["eval_loss"] > 0 and "tokens per micro-batch" in summary["plan_text"]
     assert summary["tokens"] > 0 and summary["samples"] == 16  # 4 steps x 2 x 2 rows, counted per document
+    budget = summary["plan"]["budget"]  # padded tokens: whole packed rows, their trailing padding included
+    assert summary["padded_tokens"] > summary["tokens"] and summary["padded_tokens"] % budget == 0
+    assert summary["compile_s"] is None and summary["steady_tokens_per_s"] > 0  # the CPU compiles nothing
     assert (run.adapter_path / "adapter_model.safetensors").is_file()
 
 
@@ -87,3 +90,14 @@ def test_auto_keeps_the_hf_reference_on_the_cpu():
     recipe = load_recipe("tiny-gemma2-dolly")
     job = TrainJob(None, None, [], None, "causal_lm", recipe.train, 0, "fp32", Path("checkpoints"), max_length=64)
     assert resolve_engine("auto", job).name == "hf"
+
+
+def test_several_processes_keep_the_hf_engine(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) the fast engine would train each rank alone (no gradient all-reduce): auto
+    takes hf, and an explicit train.engine=fast says why."""
+    from peftlab.engines.fast.engine import FastEngine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = with_overrides(load_recipe("tiny-gemma2-dolly"), {"train.engine": "fast"})
+    job = TrainJob(None, None, [], None, "causal_lm", recipe.train, 0, "bf16", Path("checkpoints"), max_length=64)
+    assert "several processes" in FastEngine.supports(job)

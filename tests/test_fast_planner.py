@@ -58,7 +58,20 @@ def test_trials_stop_at_the_cheapest_budget_that_fits():
         return budget / 1024
 
     chosen = plan(steps, "sft", 1, 768, trial, memory_limit_gib=40.0)
-    assert trials == [(1024, False)] and chosen.budget == 1024 and chosen.peak_gib == 1.0
+    # 2,048 with 1,024-token rows where they fit: the 1k steps take one 1,024 row as with a 1,024 budget, the
+    # 4.2k step three 2,048 rows instead of six 1,024 ones
+    assert trials == [(2048, False)] and chosen.budget == 2048 and chosen.sizes == (1024,)
+    assert chosen.peak_gib == 2.0 and chosen.rows_per_step == 1.2
+
+
+def test_rows_that_fit_the_smaller_size_are_cut_to_it():
+    steps = steps_of([[700, 300, 200, 100]] * 2 + [[500, 300]] * 2)  # 1,300 and 800 tokens per step
+    one_shape = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1)]
+    two_shapes = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1, sizes=(1024,))]
+    assert one_shape == [2048] * 4 and two_shapes == [2048, 2048, 1024, 1024]
+    chosen = plan(steps, "sft", 1, 768)
+    assert chosen.budget == 2048 and chosen.sizes == (1024,) and "rows that fit: 1024" in chosen.describe()
+    assert chosen.padding_fraction == pytest.approx(1 - 4200 / 6144)
 
 
 def tiny_fast_model():
@@ -116,3 +129,73 @@ def test_model_flops_is_the_reference_formula():
     assert model_flops(config, 1000, 50_000, True) == (6 * n_layers + 4 * n_head) * 1000 + 16 * 26 * 2048 * 50_000
     gpt2 = load_model_config(ModelConfig(source="preset:dialogpt-medium"))
     assert model_flops(gpt2, 10, 0, False, lm_head=False) == 4 * 24 * 12 * 1024 * 1024 * 10
+
+
+def test_evaluation_and_generation_shapes_run_the_layers_without_compiling():
+    """Between training steps (eager()) and after training (uncompile_layers) the padded batches of evaluation and
+    generation reuse no compiled graph and make no new one; without them a new shape compiles again."""
+    from peftlab.engines.fast.compile import eager, uncompile_layers
+
+    torch._dynamo.reset()
+    fast = tiny_fast_model()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    (batch,) = pack_step(steps_of([[30, 20]])[0], 128, "sft", 2)
+
+    def padded_forward(length: int) -> None:
+        fast.restore_attention()
+        with torch.no_grad():
+            fast.peft_model(input_ids=torch.ones(2, length, dtype=torch.long))
+        fast.use_packed_attention()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_layers(fast, backend=counting_backend)
+        fast.loss(batch).backward()
+        compiled = len(graphs)
+        assert compiled > 0
+        with eager():
+            padded_forward(17)
+        assert len(graphs) == compiled
+        uncompile_layers(fast)
+        padded_forward(23)
+        assert len(graphs) == compiled
+        compile_layers(fast, backend=counting_backend)  # the contrast: compiled layers meet a new shape
+        padded_forward(29)
+        assert len(graphs) > compiled
+
+
+def test_regional_compile_traces_a_4bit_base_whole(tiny_recipe, monkeypatch):
+    """QLoRA under regional compile: bitsandbytes' 4-bit matmul is a registered torch op, so each layer stays one
+    graph (no graph break) and gives the eager loss and gradients (aot_eager on the CPU, as above)."""
+    import bitsandbytes.nn.modules
+    from torch._dynamo.utils import counters
+
+    from peftlab.tasks import sft
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)  # one bnb CPU path
+    recipe = tiny_recipe({"method.name": "qlora", "method.lora.dropout": 0.0, "data.max_samples": 20,
+                          "data.eval_fraction": 0.0, "data.max_length": 64})
+    setup = sft.build(recipe)
+    fast = FastModel(setup.model, "sft")
+    assert sum(type(m).__name__ == "Linear4bit" for m in fast.decoder_layers.modules()) > 0
+    (batch,) = pack_step([setup.data.train[i] for i in range(3)], 256, "sft", 3)
+    torch._dynamo.reset()
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = fast.loss(batch)
+        eager.backward()
+        want = [p.grad.clone() for _, p in fast.trainable_parameters()]
+        fast.peft_model.zero_grad(set_to_none=True)
+        compile_layers(fast, backend="aot_eager")
+        compiled = fast.loss(batch)
+        compiled.backward()
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+    for (_, p), g in zip(fast.trainable_parameters(), want, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)

@@ -173,5 +173,15 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
             if run.writer:
                 index_run(run)  # and how it ended, whatever happened
             run.release()  # only now: until the end is recorded, a free lock would read as a dead run
-    say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')})")
+    say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')}"
+        f"{_speed(summary)})")
     return run
+
+
+def _speed(summary: dict[str, Any]) -> str:
+    """The fast engine's compile time apart from its steady-state speed, for the finish line ("" without them)."""
+    compile_s, rate, mfu = summary.get("compile_s"), summary.get("steady_tokens_per_s"), summary.get("mfu")
+    if rate is None:
+        return ""
+    return ((f"; compile {compile_s} s, then" if compile_s is not None else ";") + f" {rate:.0f} tokens/s"
+            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))

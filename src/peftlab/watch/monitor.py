@@ -34,7 +34,8 @@ class BatchCounter:
         else:  # padding-free: one packed row, sequences start where position_ids == 0
             self.tokens += ids.numel()
             self.samples += (inputs["position_ids"] == 0).sum() if "position_ids" in inputs else ids.shape[0]
-        self.padded_tokens += ids.numel()
+        # the fast engine hands over a packed row's real part; "padded_numel" is the row's size, padding included
+        self.padded_tokens += inputs.get("padded_numel", ids.numel())
         self.trained_tokens += self.trained_in(inputs["labels"])
 
     @staticmethod

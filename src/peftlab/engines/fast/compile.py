@@ -14,6 +14,7 @@ invalid: the model config, the token budget, precision, checkpointing, the devic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -30,12 +31,36 @@ from peftlab.runs import atomic_dir
 ARTIFACTS = "artifacts.bin"
 
 
+# Graph variants per static row shape of one layer graph: the first layer's input needs no gradient (frozen
+# embeddings) and the others' does; Gemma's sliding and full layers take different mask functions: 3 on Gemma
+# 2/3, x2 when activation checkpointing is switched on after a plain trial. Dynamo's default of 8 entries per
+# function was hit on the H200 with two row shapes (bench/README.md, Issue 11); past it, dynamo silently runs
+# the layer eagerly. So the limit is raised for the process (dynamo's config is process-wide).
+RECOMPILE_LIMIT = 32
+
+
 def compile_layers(model: FastModel, mode: str | None = None, backend: str = "inductor") -> int:
     """Compile every decoder layer of `model` in place (nn.Module.compile); returns the number of layers.
     mode: torch.compile mode (None = default; "max-autotune-no-cudagraphs" tunes GEMMs longer)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in model.decoder_layers:
         layer.compile(dynamic=False, mode=mode, backend=backend)
     return len(model.decoder_layers)
+
+
+def uncompile_layers(model: FastModel) -> None:
+    """Give the decoder layers back their eager forward (after training: evaluation and generation run padded
+    batches of ever-changing shapes, on which the static-shape compiled layers would recompile until dynamo's
+    recompile limit). nn.Module.compile keeps its compiled call in `_compiled_call_impl` and torch has no public
+    way back; None is the attribute's value before compile()."""
+    for layer in model.decoder_layers:
+        layer._compiled_call_impl = None
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Run compiled code eagerly inside the block (an evaluation between training steps): no new compile, no
+    recompile, and the compiled graphs stay for the next training step."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:
@@ -44,15 +69,16 @@ def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:
     model.ce_core = torch.compile(chunk_loss_and_grad, dynamic=False, backend=backend)
 
 
-def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool) -> str:
-    """A short hash of everything a compiled graph depends on (architecture, shapes, dtypes, versions, device)."""
+def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool, sizes: tuple[int, ...] = ()) -> str:
+    """A short hash of everything a compiled graph depends on (architecture, quantization, shapes: the budget and
+    the smaller row sizes, dtypes, versions, device)."""
     import peft
     import transformers
 
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
     lora = model.peft_model.peft_config[model.peft_model.active_adapter]
     parts = {
-        "config": model.config.to_dict(), "budget": budget, "precision": model.precision, "task": model.task,
+        "config": model.config.to_dict(), "budget": [budget, *sizes], "precision": model.precision, "task": model.task,
         "checkpointing": gradient_checkpointing, "lora": {"r": lora.r, "targets": sorted(lora.target_modules)},
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "device": device,

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from peftlab.distributed import ranks
 from peftlab.engines import EngineResult, Prediction, TrainJob
+from peftlab.engines.fast.compile import eager
 from peftlab.engines.fast.loop import StepHooks
 from peftlab.engines.fast.packing import PackedBatch, steps_per_epoch, total_steps
 from peftlab.engines.fast.trainer import FastTrainer, unsupported
@@ -38,9 +40,13 @@ class FastEngine:
     def supports(cls, job: TrainJob) -> str | None:
         if job.train.engine == "auto" and not torch.cuda.is_available():
             return "no CUDA device (auto keeps the hf reference on the CPU; --set train.engine=fast runs it there)"
+        if ranks().distributed:  # FastLoop is data-parallel; this adapter's checkpoints/evaluation are single-process
+            return ("several processes (the fast engine's checkpoints and evaluation run in one process; --gpus N "
+                    "runs the hf engine's DDP/FSDP)")
         base = job.model.get_base_model() if hasattr(job.model, "get_base_model") else job.model
         model_type = getattr(getattr(base, "config", None), "model_type", "unknown")
-        method = "qlora" if getattr(base, "is_loaded_in_4bit", False) else "lora"
+        method = ("qlora" if getattr(base, "is_loaded_in_4bit", False) else
+                  "8-bit LoRA" if getattr(base, "is_loaded_in_8bit", False) else "lora")
         why = unsupported(model_type, TASKS.get(job.loss_kind, job.loss_kind), job.precision, method)
         if why is None and job.train.best_metric:
             why = "train.best_metric (keeping the best checkpoint is not built in the fast engine)"
@@ -92,9 +98,10 @@ class _Hooks(StepHooks):
 
     def on_micro_batch(self, batch: PackedBatch) -> None:
         # The monitor's counter reads padded batches; a packed row's padding is one trailing segment, so its real
-        # part (documents counted by their position 0) is what it counts. The padding share is in the summary plan.
+        # part (documents counted by their position 0) is what it counts as tokens, and the whole row as padded.
         n = batch.tokens
-        counted = {"input_ids": batch.input_ids[:, :n], "position_ids": batch.position_ids[:, :n]}
+        counted = {"input_ids": batch.input_ids[:, :n], "position_ids": batch.position_ids[:, :n],
+                   "padded_numel": batch.budget}
         counted["labels"] = batch.class_labels if self.fast.task == "classify" else batch.targets[None, :n]
         self.hooks.micro_batch(counted)
 
@@ -116,11 +123,13 @@ class _Hooks(StepHooks):
         return bool(self.request.signal_name) or self.hooks.should_stop()
 
     def evaluate(self, step: int) -> None:
-        """An evaluation at eval_steps, with the model's own attention (padded batches), then back to training."""
+        """An evaluation at eval_steps, with the model's own attention (padded batches) and eager layers, then back to
+        training."""
         model = self.fast.model
         model.restore_attention()
         try:
-            metrics = self.evaluator().evaluate(self.job.eval_dataset, metric_key_prefix="eval")
+            with eager():  # padded eval batches would recompile the static-shape layers
+                metrics = self.evaluator().evaluate(self.job.eval_dataset, metric_key_prefix="eval")
         finally:
             model.use_packed_attention()
             model.peft_model.train()

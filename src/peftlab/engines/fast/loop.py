@@ -73,8 +73,30 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
             if g["params"]]
 
 
+def processes() -> int:
+    """Processes of the initialised torch.distributed group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum `tensors` over the processes in place, in ONE collective (the LoRA tensors are hundreds of small ones)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 class FastLoop:
-    """Optimizer + schedule over a FastModel's trainable parameters, and the loop that steps them."""
+    """Optimizer + schedule over a FastModel's trainable parameters, and the loop that steps them.
+
+    Data parallel under an initialised process group: rank 0's trainable weights are broadcast once, each process
+    runs its share of every step (packing.packed_steps, weighted for the whole step), and the gradients and the
+    step loss are summed over the processes in one all-reduce before clipping: every process then takes the
+    same optimizer step. (DDP's module wrapper is not used: the loop calls the backbone itself, and one
+    all-reduce per optimizer step is what gradient accumulation needs.)"""
 
     def __init__(self, model: FastModel, settings: LoopSettings) -> None:
         from transformers import get_scheduler
@@ -82,6 +104,11 @@ class FastLoop:
         self.model, self.settings = model, settings
         named = model.trainable_parameters()
         self.params = [p for _, p in named]
+        self.world = processes()
+        if self.world > 1:
+            with torch.no_grad():
+                for p in self.params:
+                    torch.distributed.broadcast(p, src=0)
         fused = model.device.type == "cuda"  # one kernel for all LoRA tensors instead of a few per tensor
         self.optimizer = torch.optim.AdamW(param_groups(named, settings.weight_decay), lr=settings.lr, fused=fused)
         self.scheduler = get_scheduler(settings.scheduler, self.optimizer, num_warmup_steps=settings.warmup_steps,
@@ -103,6 +130,11 @@ class FastLoop:
             micro = self.model.loss(batch.to(device, non_blocking=True))
             micro.backward()
             loss += micro.detach()
+        if self.world > 1:  # a process with no row in this step still takes part (zero gradients)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_sum([*(p.grad for p in self.params), loss.view(1)])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()

@@ -2,8 +2,9 @@
 
 One optimizer step holds batch_size x grad_accum rows, exactly as the recipe and the hf engine see them. They
 are executed as micro-batches of ONE row of `budget` tokens holding whole documents back to back (first-fit
-decreasing), so every micro-batch has the same static shape [1, budget] (what torch.compile and CUDA graphs
-need) and no padding inside it: only a trailing segment of ignored padding fills the row.
+decreasing), so every micro-batch has one of a few static shapes [1, size] (the budget, or a smaller size from
+the planner when the row's documents fit it: what torch.compile needs) and no padding inside it: only a trailing
+segment of ignored padding fills the row.
 
 Per token: `position_ids` restart at 0 per document (RoPE / learned positions see each document alone),
 `document_ids` say which document it belongs to (the attention masks keep documents apart; padding is -1),
@@ -105,12 +106,17 @@ def last_non_pad(ids: Sequence[int], pad_token_id: int | None) -> int:
     return 0
 
 
-def _documents(rows: Sequence[Mapping[str, Any]], task: Task, batch_size: int,
-               pad_token_id: int | None) -> list[_Document]:
+def trained_targets(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Targets an sft step trains: labels[1:] != -100 per row (the Trainer's num_items_in_batch)."""
+    return sum(sum(1 for t in row["labels"][1:] if t != IGNORE_INDEX) for row in rows)
+
+
+def _documents(rows: Sequence[Mapping[str, Any]], task: Task, batch_size: int, pad_token_id: int | None,
+               step_trained: int | None = None, world: int = 1) -> list[_Document]:
     docs = []
     if task == "sft":
         shifted = [shifted_targets(row["labels"]) for row in rows]
-        trained = sum(sum(1 for t in targets if t != IGNORE_INDEX) for targets in shifted)
+        trained = step_trained or sum(sum(1 for t in targets if t != IGNORE_INDEX) for targets in shifted)
         weight = 1.0 / max(trained, 1)  # an all-masked step trains nothing; the task refuses such data earlier
         for row, targets in zip(rows, shifted, strict=True):
             docs.append(_Document(list(row["input_ids"]), targets, weight, None, len(targets) - 1))
@@ -120,7 +126,7 @@ def _documents(rows: Sequence[Mapping[str, Any]], task: Task, batch_size: int,
         for row in micro:
             ids = list(row["input_ids"])
             label = row["labels"] if "labels" in row else row["label"]
-            docs.append(_Document(ids, [IGNORE_INDEX] * len(ids), 1.0 / len(micro), int(label),
+            docs.append(_Document(ids, [IGNORE_INDEX] * len(ids), 1.0 / (len(micro) * world), int(label),
                                   last_non_pad(ids, pad_token_id)))
     return docs
 
@@ -141,22 +147,34 @@ def _bins(lengths: list[int], budget: int) -> list[list[int]]:
     return [sorted(r) for r in rows]  # documents keep their order inside a row (no effect on the math)
 
 
+def row_size(tokens: int, budget: int, sizes: Sequence[int] = ()) -> int:
+    """The smallest of `sizes` (static row shapes below the budget) that holds `tokens`, else the budget."""
+    return min((s for s in sizes if tokens <= s <= budget), default=budget)
+
+
 def pack_step(rows: Sequence[Mapping[str, Any]], budget: int, task: Task, batch_size: int,
-              pad_token_id: int | None = None) -> list[PackedBatch]:
+              pad_token_id: int | None = None, sizes: Sequence[int] = (), step_trained: int | None = None,
+              world: int = 1) -> list[PackedBatch]:
     """The rows of one optimizer step (batch_size x grad_accum of them, in the order the recipe's micro-batches
-    take them) -> packed micro-batches of `budget` tokens each, in the normalisation of the module docstring.
+    take them) -> packed micro-batches of at most `budget` tokens each, in the normalisation of the module docstring.
 
     rows: mappings with input_ids (list of ints) and, for sft, labels (list, -100 = not trained); for classify,
-    labels or label (a class id). Errors: PeftlabError for an empty row or one longer than the budget.
+    labels or label (a class id). sizes: smaller static row shapes; a packed row that fits one is cut to the
+    smallest that holds it (less trailing padding; each size is one more compiled shape). Data parallel, `rows` is
+    one process's share of the step: step_trained = the whole step's trained targets (sft), world = processes
+    (classify), so that the processes' losses and gradients SUM to the step's (as DDP's mean of the Trainer's
+    per-process losses, which for sft are scaled by the processes). Errors: PeftlabError for an empty row or one
+    longer than the budget.
     """
-    docs = _documents(rows, task, batch_size, pad_token_id)
+    docs = _documents(rows, task, batch_size, pad_token_id, step_trained, world)
     lengths = [len(d.ids) for d in docs]
     if lengths and min(lengths) == 0:
         raise PeftlabError("data: an empty row (no tokens) reached the fast engine; fix: drop empty rows")
     if lengths and max(lengths) > budget:
         raise PeftlabError(f"train token budget: a row of {max(lengths)} tokens does not fit a packed row of {budget} "
                            f"tokens (documents are never cut); fix: raise the token budget to >= data.max_length")
-    return [_pack_row([docs[i] for i in row], budget, task) for row in _bins(lengths, budget)]
+    return [_pack_row([docs[i] for i in row], row_size(sum(lengths[i] for i in row), budget, sizes), task)
+            for row in _bins(lengths, budget)]
 
 
 def _pack_row(docs: list[_Document], budget: int, task: Task) -> PackedBatch:
@@ -215,7 +233,10 @@ def step_rows(dataset: Sequence[Mapping[str, Any]], batch_size: int, grad_accum:
 
 
 def packed_steps(steps: Iterable[Sequence[Mapping[str, Any]]], budget: int, task: Task, batch_size: int,
-                 pad_token_id: int | None = None) -> Iterator[list[PackedBatch]]:
-    """pack_step over a stream of steps (lazily: packing runs on the host while the device works)."""
+                 pad_token_id: int | None = None, sizes: Sequence[int] = (), rank: int = 0,
+                 world: int = 1) -> Iterator[list[PackedBatch]]:
+    """pack_step over a stream of steps (lazily: packing runs on the host while the device works). Several
+    processes: every process sees the whole step's rows (the same seeded order) and packs rows[rank::world]."""
     for rows in steps:
-        yield pack_step(rows, budget, task, batch_size, pad_token_id)
+        trained = trained_targets(rows) if task == "sft" and world > 1 else None
+        yield pack_step(rows[rank::world], budget, task, batch_size, pad_token_id, sizes, trained, world)

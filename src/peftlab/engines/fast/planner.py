@@ -8,7 +8,7 @@ Two measurements decide:
     read from torch.cuda.max_memory_allocated, with the model as it will train (compiled: the first trial is
     then the run's own compile).
 Rule: candidates in order of cost (padded tokens per step, each row counted ROW_OVERHEAD_TOKENS more for its
-fixed cost), without activation checkpointing first (it costs a third more compute); the first whose trial fits
+fixed cost; a budget's rows that fit half of it are cut to that second static shape), without activation checkpointing first (it costs a third more compute); the first whose trial fits
 the cap (train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU
 there is no memory to measure: the cheapest budget, and the plan says so.
 """
@@ -49,6 +49,7 @@ class Plan:
     budget: int
     gradient_checkpointing: bool
     peak_gib: float | None  # the trial step's peak at this budget (None: not measured)
+    sizes: tuple[int, ...]  # smaller static row shapes a packed row is cut to when it fits (packing.row_size)
     limit_gib: float | None
     rows_per_step: float
     padding_fraction: float
@@ -64,7 +65,8 @@ class Plan:
         else:
             memory = f"trial peak {self.peak_gib:.1f} GiB" + (f" under the {self.limit_gib:.1f} GiB cap"
                                                               if self.limit_gib else "")
-        return (f"fast engine plan: {self.budget} tokens per micro-batch, {self.rows_per_step:.2f} rows per optimizer "
+        smaller = f" (rows that fit: {', '.join(map(str, self.sizes))})" if self.sizes else ""
+        return (f"fast engine plan: {self.budget} tokens per micro-batch{smaller}, {self.rows_per_step:.2f} rows per optimizer "
                 f"step, {100 * self.padding_fraction:.1f}% padding, activation checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}; {memory}")
 
@@ -82,15 +84,25 @@ def candidate_budgets(max_length: int, step_tokens_max: int, largest: int = 6553
     return budgets
 
 
-def padding_cost(steps: Sequence[Sequence[Mapping[str, Any]]], budget: int, task: Task,
-                 batch_size: int) -> tuple[float, float]:
-    """(rows per step, padded share of the rows) of the sample `steps` packed at `budget` (host only)."""
-    rows = tokens = 0
+def smaller_sizes(budget: int, smallest: int) -> tuple[int, ...]:
+    """The row shapes below `budget`: half of it when that still holds the longest document. A step's last packed
+    row is its padded one; a half-size shape halves its worst padding. One shape only: each costs a compile (a
+    minute cold on an H200, bench/README.md; then from the compile cache)."""
+    half = budget // 2
+    return (half,) if half >= smallest and half % BLOCK_SIZE == 0 else ()
+
+
+def padding_cost(steps: Sequence[Sequence[Mapping[str, Any]]], budget: int, task: Task, batch_size: int,
+                 sizes: Sequence[int] = ()) -> tuple[float, float, float]:
+    """(rows per step, padded share of the rows, cost per step: padded tokens + ROW_OVERHEAD_TOKENS per row) of the
+    sample `steps` packed at `budget` with the smaller row shapes `sizes` (host only)."""
+    rows = tokens = padded = 0
     for step in steps:
-        packed = pack_step(step, budget, task, batch_size)
+        packed = pack_step(step, budget, task, batch_size, sizes=sizes)
         rows += len(packed)
         tokens += sum(b.tokens for b in packed)
-    return rows / len(steps), 1.0 - tokens / (rows * budget)
+        padded += sum(b.budget for b in packed)
+    return rows / len(steps), 1.0 - tokens / padded, (padded + rows * ROW_OVERHEAD_TOKENS) / len(steps)
 
 
 def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: int, max_length: int,
@@ -105,17 +117,19 @@ def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: i
     """
     step_tokens_max = max(sum(len(r["input_ids"]) for r in step) for step in steps)
     limit = memory_limit_gib or (DEVICE_FRACTION * device_gib if device_gib else None)
-    costs = {b: padding_cost(steps, b, task, batch_size) for b in candidate_budgets(max_length, step_tokens_max)}
-    cheapest_first = sorted(costs, key=lambda b: costs[b][0] * (b + ROW_OVERHEAD_TOKENS))
+    budgets = candidate_budgets(max_length, step_tokens_max)
+    sizes = {b: smaller_sizes(b, budgets[0]) for b in budgets}
+    costs = {b: padding_cost(steps, b, task, batch_size, sizes[b]) for b in budgets}
+    cheapest_first = sorted(costs, key=lambda b: costs[b][2])
     candidates: list[Candidate] = []
     for checkpointing in (False, True):  # checkpointing only when no plain step fits
         for budget in cheapest_first:
             peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib else None
-            candidates.append(Candidate(budget, *costs[budget], peak, checkpointing))
+            candidates.append(Candidate(budget, *costs[budget][:2], peak, checkpointing))
             if peak is None or limit is None or peak <= limit:
                 best = candidates[-1]
-                return Plan(best.budget, checkpointing, peak, limit, best.rows_per_step, best.padding_fraction,
-                            trial_peak_gib is not None, tuple(candidates))
+                return Plan(best.budget, checkpointing, peak, sizes[budget], limit, best.rows_per_step,
+                            best.padding_fraction, trial_peak_gib is not None, tuple(candidates))
     smallest = min(candidates, key=lambda c: c.peak_gib)
     raise ValueError(f"train.memory_limit_gib: even {smallest.budget} tokens per micro-batch with activation "
                      f"checkpointing peaks at {smallest.peak_gib:.1f} GiB > {limit:.1f} GiB")
@@ -130,6 +144,7 @@ def trial_peak_gib(model: FastModel, task: Task, max_length: int) -> Callable[[i
         rows = [{"input_ids": [1] * n, "labels": [1] * n if task == "sft" else 0} for n in lengths]
         (batch,) = pack_step(rows, budget, task, batch_size=len(rows))
         model.set_checkpointing(checkpointing)
+        model.peft_model.train()  # as the loop runs it: dropout's memory, and the graph the loop reuses
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

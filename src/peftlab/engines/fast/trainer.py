@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from peftlab.engines.fast.attention import attention_dropout_note
-from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core
+from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
 from peftlab.engines.fast.flops import mfu, model_flops
-from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks
+from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks, processes
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
 from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
 from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
@@ -35,59 +35,105 @@ def unsupported(model_type: str, task: str, precision: str, method: str) -> str 
         return f"model family {model_type} (supported: {', '.join(SUPPORTED_FAMILIES)})"
     if precision not in ("bf16", "fp32"):
         return f"precision {precision} (bf16 or fp32; fp16 needs a grad scaler)"
-    if method != "lora":
-        return f"method {method} (QLoRA on the fast engine is not built yet)"
+    if method not in ("lora", "qlora"):
+        return f"method {method} (the fast engine trains LoRA on a bf16/fp32 or a bitsandbytes 4-bit base)"
     return None
 
 
 @dataclass
 class FastReport:
-    """Summary fields of a fast-engine session (units in the names)."""
+    """Summary fields of a fast-engine session (units in the names).
+
+    Compilation is timed apart from training: compile_s is the planner's trial step (the run's first compile) plus
+    the wall time of every optimizer step that ran a micro-batch shape for the first time (compile or recompile,
+    or a warm compile cache's loading); tokens/s and MFU are over the other, steady-state steps (steady_s, the
+    time of hook work such as evaluations and checkpoints excluded)."""
 
     plan: Plan
     steps: int
     stopped: bool
     mean_loss: float | None
     train_s: float
-    first_step_s: float | None  # includes compilation (and a warm compile cache's loading)
+    compile_s: float | None  # None: nothing compiled (CPU)
+    first_step_s: float | None  # from the start of fit to the end of the first optimizer step
     compile_cache_hit: bool
     tokens: int
     model_flops: float  # of the whole session
-    steady_flops: float  # after the first step (compilation excluded), over steady_s seconds
+    steady_tokens: int
+    steady_flops: float  # over the steady-state steps, which took steady_s seconds
     steady_s: float
     notes: list[str] = field(default_factory=list)
 
     def as_summary(self) -> dict[str, Any]:
+        steady = self.steady_s > 0 and self.steady_tokens > 0
         return {"engine": "fast", "plan": self.plan.as_dict(), "plan_text": self.plan.describe(),
-                "first_step_s": self.first_step_s, "compile_cache_hit": self.compile_cache_hit,
-                "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if self.steady_s > 0 and torch.cuda.is_available()
+                "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
+                "first_step_s": None if self.first_step_s is None else round(self.first_step_s, 2),
+                "compile_cache_hit": self.compile_cache_hit, "steady_s": round(self.steady_s, 3),
+                "steady_tokens_per_s": round(self.steady_tokens / self.steady_s, 2) if steady else None,
+                "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if steady and torch.cuda.is_available()
                 else None,
                 "engine_notes": self.notes}
 
 
-class _Counting:
-    """StepHooks wrapper: counts tokens and FLOPs, times the first step, then passes everything on."""
+class _StepClock:
+    """StepHooks wrapper: counts tokens and FLOPs, splits the loop's wall time into compiling steps (a micro-batch
+    shape seen for the first time: dynamo compiles it), steady steps and hook work, then passes everything on.
 
-    def __init__(self, inner: StepHooks) -> None:
-        self.inner, self.tokens, self.sum_sq, self.first_step_s = inner, 0, 0, None
-        self.after_first = (0, 0)  # (tokens, sum_sq) at the end of the first step
-        self.started = time.perf_counter()
+    The device is synchronised only around compiling steps and hook calls that took time (an evaluation or a
+    checkpoint, which synchronise anyway): steady steps keep the host running ahead of the GPU.
+    `compiled=False` (eager, CPU): no step counts as compiling."""
+
+    HOOK_WORK_S = 0.01  # a hook call longer than this did work (evaluation, checkpoint): its time is not training
+
+    def __init__(self, inner: StepHooks, compiled: bool, seen_shapes: set[int] | None = None) -> None:
+        self.inner, self.compiled = inner, compiled
+        self.seen = set(seen_shapes or ())
+        self.tokens = self.sum_sq = self.steady_tokens = self.steady_sq = 0
+        self.step_tokens = self.step_sq = 0
+        self.compile_s = self.steady_s = 0.0
+        self.compiling = False
+        self.first_step_s: float | None = None
+        self.started = self.mark = time.perf_counter()
+
+    def _sync_now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_micro_batch(self, batch: PackedBatch) -> None:
-        self.tokens += batch.tokens
-        self.sum_sq += batch.sum_sq
+        if self.compiled and batch.budget not in self.seen and not self.compiling:
+            now = self._sync_now()  # what ran before this step was steady work
+            self.steady_s += now - self.mark
+            self.mark, self.compiling = now, True
+        self.seen.add(batch.budget)
+        self.step_tokens += batch.tokens
+        self.step_sq += batch.sum_sq
         self.inner.on_micro_batch(batch)
 
     def on_log(self, record: dict[str, float]) -> None:
         self.inner.on_log(record)
 
     def on_step_end(self, step: int) -> bool:
+        self.tokens, self.sum_sq = self.tokens + self.step_tokens, self.sum_sq + self.step_sq
+        now = self._sync_now() if self.compiling or self.first_step_s is None else time.perf_counter()
         if self.first_step_s is None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.first_step_s = time.perf_counter() - self.started
-            self.after_first = (self.tokens, self.sum_sq)
-        return self.inner.on_step_end(step)
+            self.first_step_s = now - self.started
+        if self.compiling:
+            self.compile_s += now - self.mark
+        else:
+            self.steady_s += now - self.mark
+            self.steady_tokens, self.steady_sq = self.steady_tokens + self.step_tokens, self.steady_sq + self.step_sq
+        self.step_tokens = self.step_sq = 0
+        self.compiling = False
+        stop = self.inner.on_step_end(step)
+        after = time.perf_counter()
+        if after - now > self.HOOK_WORK_S:  # hook work; it synchronised, so the steps before it are done
+            self.mark = self._sync_now()
+        else:
+            self.steady_s += after - now
+            self.mark = after
+        return stop
 
 
 class FastTrainer:
@@ -97,6 +143,8 @@ class FastTrainer:
     "classify". train: config.TrainConfig (batch_size, grad_accum, epochs, max_steps, lr, scheduler, warmup,
     weight_decay, max_grad_norm, logging_steps, and memory_limit_gib when the config has it). precision: "bf16" |
     "fp32". max_length: data.max_length (the longest row). pad_token_id: classify's pooling rule.
+    Under an initialised process group (torchrun) it is data-parallel: batch_size x grad_accum rows per process
+    per optimizer step, as the Trainer's DDP (FastLoop says how; tests/test_fast_trainer.py checks it with gloo).
     """
 
     def __init__(self, peft_model: Any, task: Task, train: Any, precision: str, max_length: int,
@@ -111,14 +159,17 @@ class FastTrainer:
         self.train, self.task, self.max_length, self.pad_token_id = train, task, max_length, pad_token_id
         self.loop: FastLoop | None = None
         self.cache: CompileCache | None = None
+        self.rank, self.world = (torch.distributed.get_rank(), processes()) if processes() > 1 else (0, 1)
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
-        rows = step_rows(dataset, self.train.batch_size, self.train.grad_accum, seed)
+        """The whole optimizer steps' rows (every process's share: batch_size x grad_accum rows per process)."""
+        rows = step_rows(dataset, self.train.batch_size * self.world, self.train.grad_accum, seed)
         return itertools.islice(rows, skip, None)
 
     def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
         """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
-        sample = list(itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS))
+        steps = itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS)
+        sample = [rows[self.rank::self.world] for rows in steps]  # what this process packs
         return plan(sample, self.task, self.train.batch_size, self.max_length,
                     trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
                     getattr(self.train, "memory_limit_gib", None),
@@ -127,8 +178,8 @@ class FastTrainer:
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
         the CE core; returns whether the cache had artifacts. The planner's first trial is then the compile."""
-        preferred = self.plan(dataset, seed, measure=False).budget
-        self.cache = CompileCache(cache_key(self.model, preferred, False))
+        preferred = self.plan(dataset, seed, measure=False)
+        self.cache = CompileCache(cache_key(self.model, preferred.budget, False, preferred.sizes))
         hit = self.cache.load()
         compile_layers(self.model)
         compile_loss_core(self.model)
@@ -139,12 +190,14 @@ class FastTrainer:
         """Train over `dataset` (rows as the task makes them) until total_steps or a hook stops; `resume`: a
         state_dict() saved at a checkpoint (continues step-exactly: same data order, optimizer, schedule, RNG)."""
         cuda = torch.cuda.is_available()
+        began = time.perf_counter()
         hit = self.compile(dataset, seed) if cuda else False
-        chosen = self.plan(dataset, seed, measure=cuda)
+        chosen = self.plan(dataset, seed, measure=cuda)  # on CUDA its trial step is the run's first compile
+        plan_s = time.perf_counter() - began
         self.model.set_checkpointing(chosen.gradient_checkpointing)
         t = self.train
-        settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size, t.grad_accum, t.epochs,
-                                                                 t.max_steps))
+        settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size * self.world, t.grad_accum,
+                                                                 t.epochs, t.max_steps))
         self.loop = FastLoop(self.model, settings)
         start = 0
         if resume:
@@ -153,25 +206,27 @@ class FastTrainer:
             if resume.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state_all(resume["cuda_rng"])
             start = resume["step"]
-        counting = _Counting(hooks)
+        clock = _StepClock(hooks, compiled=cuda)
         steps = packed_steps(self._steps(dataset, seed, start), chosen.budget, self.task, t.batch_size,
-                             self.pad_token_id)
-        began = time.perf_counter()
+                             self.pad_token_id, chosen.sizes, self.rank, self.world)
         try:
-            result = self.loop.run(steps, counting, start_step=start)
+            result = self.loop.run(steps, clock, start_step=start)
         finally:
             self.model.restore_attention()
+            uncompile_layers(self.model)  # evaluation and generation follow, in shapes of their own
         train_s = time.perf_counter() - began
         if cuda:
             self.cache.save()
+
         def flops(tokens: int, sum_sq: int) -> float:
             return model_flops(self.model.config, tokens, sum_sq, chosen.gradient_checkpointing, self.task == "sft")
 
-        steady_tokens, steady_sq = counting.tokens - counting.after_first[0], counting.sum_sq - counting.after_first[1]
         notes = [n for n in (attention_dropout_note(self.model.config),) if n]
-        return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s, counting.first_step_s,
-                          hit, counting.tokens, flops(counting.tokens, counting.sum_sq),
-                          flops(steady_tokens, steady_sq), train_s - (counting.first_step_s or 0.0), notes)
+        first_step_s = None if clock.first_step_s is None else clock.first_step_s + (clock.started - began)
+        return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s,
+                          plan_s + clock.compile_s if cuda else None, first_step_s, hit, clock.tokens,
+                          flops(clock.tokens, clock.sum_sq), clock.steady_tokens,
+                          flops(clock.steady_tokens, clock.steady_sq), clock.steady_s, notes)
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft)."""
