@@ -79,8 +79,8 @@ def test_baseline_comparison_shows_deltas_and_na_never_nan(trained: RunDir, cli)
     assert "-" in row  # a delta against test accuracy 0.93
 
 
-def test_doctor_checks_the_first_batch_and_one_step(cli) -> None:
-    code, lines = cli("doctor", "tiny-dialogpt-banking77")
+def test_doctor_checks_the_first_batch_and_one_step(cli_out) -> None:
+    code, lines = cli_out("doctor", "tiny-dialogpt-banking77")
     assert code == 0 and lines[-1] == "doctor: healthy"
     assert any("first training batch carries class ids" in line for line in lines)
 
