@@ -107,3 +107,14 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
         return code, [line for line in (out + err).splitlines() if line.strip()]
 
     return invoke
+
+
+@pytest.fixture
+def cli_out(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, list[str]]]:
+    """As `cli`, but only stdout's non-empty lines: a verb's results, without the progress lines (stderr)."""
+
+    def invoke(*args: str) -> tuple[int, list[str]]:
+        code, out, _ = run_main(monkeypatch, capsys, *args)
+        return code, [line for line in out.splitlines() if line.strip()]
+
+    return invoke

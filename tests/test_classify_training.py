@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 from safetensors import safe_open
 
 from peftlab.config import load_recipe, with_overrides
@@ -78,8 +79,8 @@ def test_baseline_comparison_shows_deltas_and_na_never_nan(trained: RunDir, cli)
     assert "-" in row  # a delta against test accuracy 0.93
 
 
-def test_doctor_checks_the_first_batch_and_one_step(cli) -> None:
-    code, lines = cli("doctor", "tiny-dialogpt-banking77")
+def test_doctor_checks_the_first_batch_and_one_step(cli_out) -> None:
+    code, lines = cli_out("doctor", "tiny-dialogpt-banking77")
     assert code == 0 and lines[-1] == "doctor: healthy"
     assert any("first training batch carries class ids" in line for line in lines)
 
@@ -109,10 +110,11 @@ def test_labels_dropped_before_the_model_are_caught(tiny_classifier) -> None:
         check_labels_reach_model(trainer, len(setup.data.labels))
 
 
-def test_generate_on_a_classify_run_prints_a_known_label_per_text(trained: RunDir, cli) -> None:
+def test_generate_on_a_classify_run_prints_a_known_label_per_text(trained: RunDir, monkeypatch, capsys) -> None:
     labels = json.loads((trained.adapter_path / classify.LABELS_FILE).read_text())["id2label"].values()
-    code, lines = cli("generate", str(trained.path), "--prompt", "My card has not arrived yet",
-                      "--prompt", "How do I activate my card?")
+    code, out, _ = run_main(monkeypatch, capsys, "generate", str(trained.path), "--prompt", "My card has not arrived yet",
+                            "--prompt", "How do I activate my card?")
+    lines = [line for line in out.splitlines() if line.strip()]  # stdout: the labels alone (progress: stderr)
     assert code == 0
     answers = [line for line in lines if not line.startswith(">")]
     assert len(answers) == 2

@@ -300,12 +300,12 @@ def test_each_format_trains_on_the_tiny_twin_with_exactly_the_expected_labels(tm
     assert code == 0 and styles == [summary["data_format"]["prompt_style"]], lines
 
 
-def test_doctor_marks_each_assistant_turn_of_a_conversation(cli, tmp_path):
+def test_doctor_marks_each_assistant_turn_of_a_conversation(cli_out, tmp_path):
     rows = [{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"Count to {n}."},
                           {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))},
                           {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}]}
             for n in range(1, 9)]
-    code, lines = cli("doctor", "tiny-gemma2-dolly", "--set", f"data.source={write_jsonl(tmp_path / 'c.jsonl', rows)}")
+    code, lines = cli_out("doctor", "tiny-gemma2-dolly", "--set", f"data.source={write_jsonl(tmp_path / 'c.jsonl', rows)}")
     assert code == 0 and lines[-1] == "doctor: healthy", "\n".join(lines)
     assert "data format: messages (auto: columns messages); template: zephyr" in "\n".join(lines)
     start = next(i for i, line in enumerate(lines) if line.startswith("example: "))

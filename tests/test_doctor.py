@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 
-def test_doctor_on_the_cpu_twin_is_healthy(cli):
-    code, lines = cli("doctor", "tiny-gemma2-dolly")
+def test_doctor_on_the_cpu_twin_is_healthy(cli_out):
+    code, lines = cli_out("doctor", "tiny-gemma2-dolly")
     assert code == 0, "\n".join(lines)
     text = "\n".join(lines)
     masked = re.search(r"example: (\d+) prompt tokens masked \(-100\), (\d+) tokens trained", text)
@@ -20,8 +20,8 @@ def test_doctor_on_the_cpu_twin_is_healthy(cli):
     assert lines[-1] == "doctor: healthy"
 
 
-def test_doctor_fails_a_recipe_that_truncates_heavily(cli):
-    code, lines = cli("doctor", "tiny-gemma2-dolly", "--set", "data.max_length=64", "--set", "data.max_samples=100")
+def test_doctor_fails_a_recipe_that_truncates_heavily(cli_out):
+    code, lines = cli_out("doctor", "tiny-gemma2-dolly", "--set", "data.max_length=64", "--set", "data.max_samples=100")
     assert code != 0
     fails = [line for line in lines if line.startswith("FAIL")]
     assert any("truncated: raise data.max_length" in line for line in fails)

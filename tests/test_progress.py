@@ -20,7 +20,8 @@ class Clock:
 
 
 def lines(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().out.splitlines() if line]
+    """The progress lines: on stderr (stdout keeps the results)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line]
 
 
 def test_a_phase_in_a_log_prints_its_start_tenths_with_eta_and_its_end(capsys) -> None:
@@ -64,12 +65,13 @@ def test_a_phase_without_a_total_shows_elapsed_time_and_a_failed_phase_no_done_l
                              "converting the GGUF tokenizer of y ..."]
 
 
-def test_disabled_progress_prints_nothing(capsys) -> None:
+def test_disabled_progress_prints_nothing_and_records_go_to_stdout(capsys) -> None:
     progress = Progress("train", enabled=False).start(total=4)
     progress.advance(4)
     progress.log("a line")  # records still print when the bar is off (tests pass show_progress=False)
     progress.stop()
-    assert lines(capsys) == ["a line"]
+    out = capsys.readouterr()
+    assert out.out == "a line\n" and out.err == ""
 
 
 def test_countdown_shows_n_of_n_and_the_overall_eta_from_the_mean_item(capsys) -> None:

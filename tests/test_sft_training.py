@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, run_main
 
 from peftlab.config import load_recipe, with_overrides
 from peftlab.data.instructions import IGNORE_INDEX
@@ -115,11 +115,12 @@ def test_reloaded_adapter_generates_like_the_trained_model(epoch):
     assert sft.generate(model, tokenizer, prompt, epoch.recipe) == saved["adapter"]
 
 
-def test_generate_cli_prints_the_adapter_answer(epoch, cli):
+def test_generate_cli_prints_the_adapter_answer(epoch, monkeypatch, capsys):
     prompt = FAST["eval.prompts"][0]
     saved = json.loads((epoch.run.samples_path / "generations.jsonl").read_text().splitlines()[0])
-    code, lines = cli("generate", str(epoch.run.path), "--prompt", prompt)
-    assert code == 0
+    code, out, err = run_main(monkeypatch, capsys, "generate", str(epoch.run.path), "--prompt", prompt)
+    lines = [line for line in out.splitlines() if line.strip()]  # stdout: the answers alone (progress: stderr)
+    assert code == 0 and "generating: done in" in err
     assert lines[0] == f"> {prompt}"
     # The tiny model may answer in whitespace only (the console drops blank lines): compare the words.
     assert " ".join(lines[1:]).split() == saved["adapter"].split()

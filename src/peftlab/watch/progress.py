@@ -1,6 +1,7 @@
 """Progress of every phase that can take more than a few seconds: what runs, for how long, and when it ends.
 
-On a terminal: rich's progress display, redrawn in place (n/N, elapsed and ETA; a pulsing bar where the total is
+Progress goes to stderr, as tqdm's does: stdout keeps the results (`peftlab generate ... > answers.txt` holds the
+answers only; a run's metric lines stay on stdout). On a terminal: rich's progress display, redrawn in place (n/N, elapsed and ETA; a pulsing bar where the total is
 unknown, e.g. while transformers loads weights), then one plain line with the time the phase took. Anywhere else
 (CI logs, pipes, files): plain lines only, no ANSI codes or carriage returns: the phase when it starts, an update
 at every tenth of its total (not sooner than MIN_GAP_S after the last line, and at least every UPDATE_EVERY_S seconds),
@@ -56,14 +57,15 @@ class Progress:
         self.completed = self.first = done  # a resumed run's ETA counts the steps of this session only
         self.started_at = self.printed_at = self.clock()
         self.tenth = self._tenth()
-        if self.enabled and not (console().is_terminal and self._start_bar()):
+        if self.enabled and not (console(stderr=True).is_terminal and self._start_bar()):
             of = f" {done}/{self.total}" if self.total else ""
-            say(f"{self.description}{of} ...")
+            status(f"{self.description}{of} ...")
         return self
 
     def _start_bar(self) -> bool:
+        # redirect_stdout (rich's default): the stdout lines printed meanwhile (metrics) land above the bar
         bar = RichProgress(TextColumn(self.description), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
-                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console(),
+                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console(stderr=True),
                            transient=True)
         try:
             bar.start()
@@ -83,7 +85,7 @@ class Progress:
         since = now - self.printed_at
         if self.completed != self.total and ((tenth > self.tenth and since >= MIN_GAP_S) or since >= UPDATE_EVERY_S):
             self.tenth, self.printed_at = tenth, now
-            say(self.status(now))
+            status(self.status(now))
 
     def _tenth(self) -> int:
         return UPDATES * self.completed // self.total if self.total else 0
@@ -97,12 +99,8 @@ class Progress:
                 f"elapsed {duration(elapsed)}  {eta_text(self.completed - self.first, self.total - self.first, elapsed)}")
 
     def log(self, line: str | dict[str, Any]) -> None:
-        """A line above the live bar (a metrics record is formatted as the console shows records)."""
-        text = redact(format_record(line) if isinstance(line, dict) else line)
-        if self._bar is not None:
-            self._bar.console.print(text, markup=False, highlight=False)
-        else:
-            say(text)
+        """A result line on stdout (a metrics record formatted as the console shows records), above a live bar."""
+        say(format_record(line) if isinstance(line, dict) else line)
 
     def stop(self) -> None:
         if self._bar is not None:
@@ -110,7 +108,7 @@ class Progress:
             self._bar = None
         if self.enabled:
             count = f" ({self.completed}/{self.total})" if self.total else ""
-            say(f"{self.description}: done in {duration(self.clock() - self.started_at)}{count}")
+            status(f"{self.description}: done in {duration(self.clock() - self.started_at)}{count}")
         self.enabled = False  # stopped once: a second stop (an engine's finally after an error) prints nothing
 
     def cancel(self) -> None:
@@ -123,6 +121,11 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.cancel() if exc[0] is not None else self.stop()
+
+
+def status(text: str) -> None:
+    """One progress line, on stderr."""
+    console(stderr=True).print(redact(text), markup=False, highlight=False)
 
 
 def phase(description: str, total: int | None = None) -> Progress:
@@ -145,10 +148,10 @@ class Countdown:
         done, self.started = self.started, self.started + 1
         line = (f"[{self.what} {self.started}/{self.total}]" + (f" {label}" if label else "")
                 + f"  elapsed {duration(elapsed)}  overall {eta_text(done, self.total, elapsed)}")
-        say(line)
+        status(line)
         return line
 
     def finish(self) -> str:
         line = f"[{self.what}s] {self.started}/{self.total} in {duration(self.clock() - self.started_at)}"
-        say(line)
+        status(line)
         return line
