@@ -103,6 +103,8 @@ def test_generate_cli_writes_pngs_and_prints_their_paths(matrix_runs, cli):
     paths = [Path(line) for line in lines if line.endswith(".png")]
     assert code == 0 and len(paths) == 2
     assert all(p.is_file() and Image.open(p).size == (64, 64) for p in paths)
+    assert any(line.startswith("loading the pipeline") for line in lines)  # the long phases show progress
+    assert any(line.startswith("generating images: done") and line.endswith("(2/2)") for line in lines)
 
 
 def test_latent_cache_reports_its_saving(tmp_path):

@@ -38,6 +38,7 @@ from peftlab.tasks.base import Exported, Prepared
 from peftlab.tasks.common import Checkup
 from peftlab.watch.console import say
 from peftlab.watch.guard import RunContext
+from peftlab.watch.progress import phase
 
 MODEL_TYPE = "sd-unet"
 GRID_FILE = "grid.png"
@@ -464,10 +465,15 @@ def sample_grid(recipe: Recipe, setup: DiffusionSetup, unet: Any) -> Grid:
     if recipe.eval.compare_base:
         variants.insert(0, ("base", unet.disable_adapters))
     # As in training (and diffusers' log_validation): weights that k-bit prep 'peft' left in fp32 meet bf16 inputs.
-    with torch.autocast(unet.device.type, dtype=setup.dtype, enabled=setup.dtype != torch.float32):
+    images = len(variants) * len(recipe.eval.prompts) * len(seeds)
+    with (torch.autocast(unet.device.type, dtype=setup.dtype, enabled=setup.dtype != torch.float32),
+          phase("drawing the sample grid (images)", total=images) as progress):
         for label, switch in variants:
             switch()
-            columns[label] = [img for prompt in recipe.eval.prompts for img in render(pipeline, recipe, prompt, seeds)]
+            columns[label] = []
+            for prompt in recipe.eval.prompts:
+                columns[label] += render(pipeline, recipe, prompt, seeds)
+                progress.advance(by=len(seeds))
     unet.enable_adapters()
     rows = [f"seed {seed}: {prompt}" for prompt in recipe.eval.prompts for seed in seeds]
     cells = [[columns[label][r] for label in columns] for r in range(len(rows))]
@@ -482,7 +488,8 @@ def load_for_inference(run: RunDir, recipe: Recipe, dequantize: bool = False) ->
     components = trained_unet(recipe, device)
     if dequantize and components:
         components["unet"] = sd.dequantize_unet(components["unet"])
-    pipeline = sd.load_pipeline(recipe.model, DTYPES[precision], device, **components)
+    with phase(f"loading the pipeline {recipe.model.source}"):
+        pipeline = sd.load_pipeline(recipe.model, DTYPES[precision], device, **components)
     try:
         pipeline.load_lora_weights(str(run.adapter_path))
     except (RuntimeError, ValueError, OSError) as exc:
@@ -512,12 +519,14 @@ def generate_images(pipeline: Any, recipe: Recipe, prompts: list[str], out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = seeds or recipe.diffusion.sample_seeds[:1]
     paths = []
-    for prompt in prompts:
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
-        for seed, image in zip(seeds, render(pipeline, recipe, prompt, seeds, steps), strict=True):
-            path = out_dir / f"{slug}-seed{seed}.png"
-            image.save(path)
-            paths.append(path)
+    with phase("generating images", total=len(prompts) * len(seeds)) as progress:
+        for prompt in prompts:
+            slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+            for seed, image in zip(seeds, render(pipeline, recipe, prompt, seeds, steps), strict=True):
+                path = out_dir / f"{slug}-seed{seed}.png"
+                image.save(path)
+                paths.append(path)
+            progress.advance(by=len(seeds))
     return paths
 
 
