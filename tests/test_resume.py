@@ -50,13 +50,13 @@ def train_records(run: RunDir) -> dict[int, dict]:
     return {r["step"]: r for r in records}
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_recipe, runs_dir, fast_sets, cli, monkeypatch):
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_recipe, runs_dir, fast_sets, cli_out, monkeypatch):
     straight = run_recipe(tiny_recipe(RESUMABLE), runs_dir, "straight", show_progress=False)
     handler = signal.getsignal(signal.SIGTERM)
 
     with monkeypatch.context() as patch:
         signal_during_step(patch, 2, signal.SIGTERM)
-        code, lines = cli("train", "tiny-gemma2-dolly", *fast_sets, *as_sets(RESUMABLE), "--runs-dir", str(runs_dir),
+        code, lines = cli_out("train", "tiny-gemma2-dolly", *fast_sets, *as_sets(RESUMABLE), "--runs-dir", str(runs_dir),
                           "--name", "stopped")
     assert code == INTERRUPTED_EXIT and "continue with: peftlab train --resume" in lines[-1], lines[-3:]
     run = RunDir(runs_dir / "stopped")
@@ -68,7 +68,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_recipe, runs_di
     assert sorted(train_records(run)) == [1, 2]
     assert signal.getsignal(signal.SIGTERM) is handler  # handlers restored
 
-    code, lines = cli("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
+    code, lines = cli_out("train", "--resume", "stopped", "--runs-dir", str(runs_dir))
     assert code == 0, lines[-3:]
     expected, resumed = train_records(straight), train_records(run)
     assert sorted(resumed) == sorted(expected) == list(range(1, 7))
