@@ -85,6 +85,14 @@ def test_unknown_recipe_and_non_mapping(tmp_path):
         validate_recipe({"data": {"template": "no placeholder"}})
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# only a comment\n"])
+def test_empty_recipe_file_is_an_error_not_the_defaults(text, tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(PeftlabError, match=r"empty\.yaml: the recipe file is empty; fix: "):
+        load_recipe(str(path))
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--set", "train.lrr=1e-4"], "did you mean 'train.lr'?"),
     (["--set", "method.lora.dropout=1.5"], "method.lora.dropout"),

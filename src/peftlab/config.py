@@ -471,12 +471,14 @@ def _read_yaml(path: Path) -> Any:
         raise PeftlabError(f"{path}: cannot read the recipe ({exc.__class__.__name__}); fix: check the path and that it is UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
-        return {} if data is None else data  # an empty file is the default recipe; `0` or `[]` is no recipe
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid syntax"
         raise PeftlabError(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting there") from None
+    if data is None:  # an empty file (a failed copy, the wrong path) would silently train every default: hours
+        raise PeftlabError(f"{path}: the recipe file is empty; fix: write a recipe in it (`peftlab recipes show tiny-gemma2-dolly` prints one)")
+    return data
 
 
 def _apply_override(data: dict, item: str) -> list[str]:
