@@ -134,3 +134,13 @@ def test_fp16_on_a_cpu_is_a_one_line_error() -> None:
         pytest.skip("checks the CPU-only refusal")
     with pytest.raises(PeftlabError, match="fp16 mixed precision needs a CUDA GPU"):
         resolve_precision("fp16", "gpt2")
+
+
+def test_tokenizing_a_cached_table_reports_every_row(tokenizer, capsys) -> None:
+    # datasets' cache hit never calls the tokenize function: the demo's second run printed "done in 0s (0/180)"
+    recipe = load_recipe("tiny-dialogpt-banking77")
+    for _ in range(2):
+        capsys.readouterr()
+        data = build_class_data(recipe.data, tokenizer, seed=42)
+        done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenizing train: done")]
+        assert len(done) == 1 and done[0].endswith(f"({len(data.train)}/{len(data.train)})"), done

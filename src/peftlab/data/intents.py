@@ -230,7 +230,9 @@ def encode(table: Any, tokenizer: Any, label2id: dict[str, int], max_length: int
            max_length]
     fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     with phase(f"tokenizing {part}", total=len(table)) as progress:
-        return table.map(tokenize, batched=True, remove_columns=table.column_names, new_fingerprint=fingerprint)
+        encoded = table.map(tokenize, batched=True, remove_columns=table.column_names, new_fingerprint=fingerprint)
+        progress.advance(len(table))  # a cache hit never calls `tokenize`: the rows are ready all the same
+        return encoded
 
 
 def _stats(train: Any, evaluation: Any | None, test: Any | None, num_labels: int, max_length: int) -> ClassDataStats:
