@@ -93,6 +93,20 @@ def test_empty_recipe_file_is_an_error_not_the_defaults(text, tmp_path):
         load_recipe(str(path))
 
 
+@pytest.mark.parametrize("override, line", [
+    # a choice list is the whole fix, not its first item ("must be 'auto'" was all it said)
+    ("diffusion.speed.compile=maybe", "--set diffusion.speed.compile=maybe: diffusion.speed.compile: Input should be "
+     "'auto', True or False (got \"maybe\"); fix: diffusion.speed.compile must be 'auto', True or False"),
+    ("train.lr=abc", "; fix: train.lr must be a valid number"),
+    ("diffusion.speed=turbo", "; fix: diffusion.speed is a section: set its keys (channels_last, micro_batch"),
+    ("foo.bar=1", "--set foo.bar=1: unknown key 'foo'; fix: use one of data, "),  # the flag, not the recipe file
+])
+def test_bad_set_value_names_the_flag_and_a_whole_fix(override, line):
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-sd-vangogh", [override])
+    assert line in str(err.value) and str(err.value).startswith(f"--set {override}: ")
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--set", "train.lrr=1e-4"], "did you mean 'train.lr'?"),
     (["--set", "method.lora.dropout=1.5"], "method.lora.dropout"),
@@ -212,7 +226,7 @@ def test_a_bad_yaml_value_still_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["recipes", "show", "nope"], "error: recipe 'nope': not a built-in recipe; fix: use one of dialogpt-banking77, "),
+    (["recipes", "show", "nope"], "error: recipe 'nope': not a built-in recipe; fix: use one of demo-gemma2-loss0, demo-gemma3-270m-intents, "),
     (["runs", "--status", "foo"], "error: --status 'foo': unknown; fix: use one of completed, dead, failed, "),
     (["runs", "--status", "complted"], "error: --status 'complted': unknown; fix: did you mean 'completed'?"),
     (["train", "tiny-gemma2-dolly", "--name", "../x"], "error: --name '../x': a run name is one folder inside "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -447,7 +448,9 @@ def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, .
         return Recipe.model_validate(data)
     except ValidationError as exc:
         loc = tuple(str(p) for p in exc.errors()[0]["loc"])
-        flag = next((f"--set {item}" for key, item in (set_by or {}).items() if loc and loc[:len(key)] == key), None)
+        # at or under the key set, or above it (`--set foo.bar=1`: the unknown key is `foo`)
+        flag = next((f"--set {item}" for key, item in (set_by or {}).items()
+                     if loc and (loc[:len(key)] == key or key[:len(loc)] == loc)), None)
         raise PeftlabError(f"{flag or origin}: {_describe(exc)}") from None
 
 
@@ -522,8 +525,12 @@ def _describe(exc: ValidationError) -> str:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
         problem = first["msg"].removeprefix("Value error, ")
-        # pydantic's own messages ("Input should be a valid integer, unable to parse ...") carry no fix: say it
-        fix = "" if "fix:" in problem else f"; fix: {key} must be {problem.removeprefix('Input should be ').split(',')[0]}"
+        # pydantic's own messages ("Input should be a valid integer, unable to parse ...") carry no fix: say it,
+        # cut before their explanation, not inside a list of choices ("'auto', True or False")
+        expected = re.split(r", (?=[a-z])", problem.removeprefix("Input should be "))[0]
+        fix = "" if "fix:" in problem else f"; fix: {key} must be {expected}"
+        if first["type"] == "model_type" and (keys := _valid_keys(loc)):  # a section given a scalar
+            fix = f"; fix: {key} is a section: set its keys ({', '.join(keys)}), e.g. --set {key}.{keys[0]}=..."
         msg = f"{key}: {problem} (got {got_text}){fix}"
         if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
             msg = problem
