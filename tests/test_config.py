@@ -107,6 +107,13 @@ def test_bad_set_value_names_the_flag_and_a_whole_fix(override, line):
     assert line in str(err.value) and str(err.value).startswith(f"--set {override}: ")
 
 
+def test_a_section_check_names_the_recipe_not_an_unrelated_flag_under_it():
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-dialogpt-banking77", ["train.max_steps=12", "train.save_steps=2"])
+    assert "tiny-dialogpt-banking77.yaml: train.best_metric needs train.eval_steps" in str(err.value)
+    assert not str(err.value).startswith("--set train.max_steps")  # what the first version of the --set rule said
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--set", "train.lrr=1e-4"], "did you mean 'train.lr'?"),
     (["--set", "method.lora.dropout=1.5"], "method.lora.dropout"),

@@ -448,9 +448,11 @@ def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, .
         return Recipe.model_validate(data)
     except ValidationError as exc:
         loc = tuple(str(p) for p in exc.errors()[0]["loc"])
-        # at or under the key set, or above it (`--set foo.bar=1`: the unknown key is `foo`)
+        # at or under the key set; or above it for an unknown key (`--set foo.bar=1`: `foo`), not for a section's
+        # own check (`train`'s steps rule is not about `--set train.max_steps`)
+        unknown = exc.errors()[0]["type"] == "extra_forbidden"
         flag = next((f"--set {item}" for key, item in (set_by or {}).items()
-                     if loc and (loc[:len(key)] == key or key[:len(loc)] == loc)), None)
+                     if loc and (loc[:len(key)] == key or (unknown and key[:len(loc)] == loc))), None)
         raise PeftlabError(f"{flag or origin}: {_describe(exc)}") from None
 
 
