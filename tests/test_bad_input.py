@@ -215,4 +215,12 @@ def test_a_run_shorter_than_one_logging_window_reports_its_last_loss(cli, runs_d
     summary = RunDir(runs_dir / "short").summary()
     records = [r for r in RunDir(runs_dir / "short").metrics() if r["kind"] == "train"]
     assert [r["step"] for r in records] == [2] and summary["final_train_loss"] == records[0]["loss"] > 0
-    assert f"done: {runs_dir / 'short'} (loss {summary['final_train_loss']}, eval loss {summary['eval_loss']})" in lines
+    assert f"done: {runs_dir / 'short'} (loss {summary['final_train_loss']:.4g}, eval loss {summary['eval_loss']:.4g})" in lines
+
+
+def test_the_finish_line_leaves_out_a_loss_the_run_has_not() -> None:
+    from peftlab.runner import _losses
+
+    # a diffusion run has no eval loss: its line said `eval loss None`, and the others 0.29189129670461017
+    assert _losses({"final_train_loss": 1.0744757652282715, "eval_loss": None}) == "loss 1.074"
+    assert _losses({"final_train_loss": 0.29189129670461017, "eval_loss": 0.2700117528438568}) == "loss 0.2919, eval loss 0.27"
