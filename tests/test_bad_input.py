@@ -96,10 +96,17 @@ def test_data_files(cli, runs_dir, fast_sets, tmp_path, case, needles):
 def test_target_modules_that_match_nothing_list_the_linear_layers(cli, runs_dir, fast_sets):
     sets = ["--set", 'method.lora.target_modules=["q_proj","qkv"]']
     error = one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, *sets, "--runs-dir", str(runs_dir), "--name", "t"),
-                           "method.lora.target_modules", "['qkv']")
+                           "method.lora.target_modules", "['qkv']", "; fix: choose among its linear layers: ")
     for layer in ("q_proj", "k_proj", "down_proj"):
         assert layer in error
     assert not (runs_dir / "t").exists()
+
+
+def test_a_model_path_that_does_not_exist_is_no_hub_id_to_download(cli, runs_dir, fast_sets, tmp_path):
+    missing = tmp_path / "no-such-model"  # it said: not in the HF cache ...; fix: `hf download /tmp/.../no-such-model`
+    one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", f"model.source={missing}", "--runs-dir",
+                        str(runs_dir), "--name", "p"), f"model.source '{missing}': no such folder; fix: check the path")
+    assert not (runs_dir / "p").exists()
 
 
 def test_qlora_without_bitsandbytes(cli, runs_dir, fast_sets, monkeypatch):
