@@ -107,6 +107,12 @@ def test_bad_set_value_names_the_flag_and_a_whole_fix(override, line):
     assert line in str(err.value) and str(err.value).startswith(f"--set {override}: ")
 
 
+def test_what_was_found_comes_before_a_validators_own_fix():
+    with pytest.raises(PeftlabError) as err:  # it read `...; fix: use one of classify, diffusion, sft (got "nope")`
+        validate_recipe({"task": "nope"})
+    assert str(err.value) == 'recipe: task: unknown task \'nope\' (got "nope"); fix: use one of classify, diffusion, sft'
+
+
 def test_a_section_check_names_the_recipe_not_an_unrelated_flag_under_it():
     with pytest.raises(PeftlabError) as err:
         load_recipe("tiny-dialogpt-banking77", ["train.max_steps=12", "train.save_steps=2"])

@@ -533,7 +533,8 @@ def _describe(exc: ValidationError) -> str:
         fix = "" if "fix:" in problem else f"; fix: {key} must be {expected}"
         if first["type"] == "model_type" and (keys := _valid_keys(loc)):  # a section given a scalar
             fix = f"; fix: {key} is a section: set its keys ({', '.join(keys)}), e.g. --set {key}.{keys[0]}=..."
-        msg = f"{key}: {problem} (got {got_text}){fix}"
+        what, sep, own_fix = problem.partition("; fix:")  # a validator's own fix stays last, after what was found
+        msg = f"{key}: {what} (got {got_text}){sep}{own_fix}{fix}"
         if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
             msg = problem
     more = len(errors) - 1
