@@ -96,10 +96,17 @@ def test_data_files(cli, runs_dir, fast_sets, tmp_path, case, needles):
 def test_target_modules_that_match_nothing_list_the_linear_layers(cli, runs_dir, fast_sets):
     sets = ["--set", 'method.lora.target_modules=["q_proj","qkv"]']
     error = one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, *sets, "--runs-dir", str(runs_dir), "--name", "t"),
-                           "method.lora.target_modules", "['qkv']")
+                           "method.lora.target_modules", "['qkv']", "; fix: choose among its linear layers: ")
     for layer in ("q_proj", "k_proj", "down_proj"):
         assert layer in error
     assert not (runs_dir / "t").exists()
+
+
+def test_a_model_path_that_does_not_exist_is_no_hub_id_to_download(cli, runs_dir, fast_sets, tmp_path):
+    missing = tmp_path / "no-such-model"  # it said: not in the HF cache ...; fix: `hf download /tmp/.../no-such-model`
+    one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, "--set", f"model.source={missing}", "--runs-dir",
+                        str(runs_dir), "--name", "p"), f"model.source '{missing}': no such folder; fix: check the path")
+    assert not (runs_dir / "p").exists()
 
 
 def test_qlora_without_bitsandbytes(cli, runs_dir, fast_sets, monkeypatch):
@@ -215,4 +222,12 @@ def test_a_run_shorter_than_one_logging_window_reports_its_last_loss(cli, runs_d
     summary = RunDir(runs_dir / "short").summary()
     records = [r for r in RunDir(runs_dir / "short").metrics() if r["kind"] == "train"]
     assert [r["step"] for r in records] == [2] and summary["final_train_loss"] == records[0]["loss"] > 0
-    assert f"done: {runs_dir / 'short'} (loss {summary['final_train_loss']}, eval loss {summary['eval_loss']})" in lines
+    assert f"done: {runs_dir / 'short'} (loss {summary['final_train_loss']:.4g}, eval loss {summary['eval_loss']:.4g})" in lines
+
+
+def test_the_finish_line_leaves_out_a_loss_the_run_has_not() -> None:
+    from peftlab.runner import _losses
+
+    # a diffusion run has no eval loss: its line said `eval loss None`, and the others 0.29189129670461017
+    assert _losses({"final_train_loss": 1.0744757652282715, "eval_loss": None}) == "loss 1.074"
+    assert _losses({"final_train_loss": 0.29189129670461017, "eval_loss": 0.2700117528438568}) == "loss 0.2919, eval loss 0.27"

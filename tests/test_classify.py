@@ -102,6 +102,13 @@ def test_a_class_too_small_to_stratify_says_how_to_fix_it(tmp_path: Path, tokeni
         build_class_data(local_recipe(train).data, tokenizer, seed=0)
 
 
+def test_max_samples_below_the_class_count_names_the_minimum(tmp_path: Path, tokenizer) -> None:
+    train = write_csv(tmp_path / "train.csv", balanced_rows("abcde", 4))  # sklearn's "test_size = 3 should be ..."
+    with pytest.raises(PeftlabError, match=r"^data.max_samples: 3 rows are fewer than the 5 classes.*; fix: set "
+                                           r"data.max_samples to 5 or more"):
+        build_class_data(local_recipe(train, **{"data.max_samples": 3}).data, tokenizer, seed=0)
+
+
 def test_hub_style_integer_labels_are_matched_by_name(tmp_path: Path, tokenizer) -> None:
     from datasets import ClassLabel, Dataset, Features, Value
 
@@ -134,3 +141,13 @@ def test_fp16_on_a_cpu_is_a_one_line_error() -> None:
         pytest.skip("checks the CPU-only refusal")
     with pytest.raises(PeftlabError, match="fp16 mixed precision needs a CUDA GPU"):
         resolve_precision("fp16", "gpt2")
+
+
+def test_tokenizing_a_cached_table_reports_every_row(tokenizer, capsys) -> None:
+    # datasets' cache hit never calls the tokenize function: the demo's second run printed "done in 0s (0/180)"
+    recipe = load_recipe("tiny-dialogpt-banking77")
+    for _ in range(2):
+        capsys.readouterr()
+        data = build_class_data(recipe.data, tokenizer, seed=42)
+        done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenizing train: done")]
+        assert len(done) == 1 and done[0].endswith(f"({len(data.train)}/{len(data.train)})"), done

@@ -85,6 +85,41 @@ def test_unknown_recipe_and_non_mapping(tmp_path):
         validate_recipe({"data": {"template": "no placeholder"}})
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# only a comment\n"])
+def test_empty_recipe_file_is_an_error_not_the_defaults(text, tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(PeftlabError, match=r"empty\.yaml: the recipe file is empty; fix: "):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("override, line", [
+    # a choice list is the whole fix, not its first item ("must be 'auto'" was all it said)
+    ("diffusion.speed.compile=maybe", "--set diffusion.speed.compile=maybe: diffusion.speed.compile: Input should be "
+     "'auto', True or False (got \"maybe\"); fix: diffusion.speed.compile must be 'auto', True or False"),
+    ("train.lr=abc", "; fix: train.lr must be a valid number"),
+    ("diffusion.speed=turbo", "; fix: diffusion.speed is a section: set its keys (channels_last, micro_batch"),
+    ("foo.bar=1", "--set foo.bar=1: unknown key 'foo'; fix: use one of data, "),  # the flag, not the recipe file
+])
+def test_bad_set_value_names_the_flag_and_a_whole_fix(override, line):
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-sd-vangogh", [override])
+    assert line in str(err.value) and str(err.value).startswith(f"--set {override}: ")
+
+
+def test_what_was_found_comes_before_a_validators_own_fix():
+    with pytest.raises(PeftlabError) as err:  # it read `...; fix: use one of classify, diffusion, sft (got "nope")`
+        validate_recipe({"task": "nope"})
+    assert str(err.value) == 'recipe: task: unknown task \'nope\' (got "nope"); fix: use one of classify, diffusion, sft'
+
+
+def test_a_section_check_names_the_recipe_not_an_unrelated_flag_under_it():
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-dialogpt-banking77", ["train.max_steps=12", "train.save_steps=2"])
+    assert "tiny-dialogpt-banking77.yaml: train.best_metric needs train.eval_steps" in str(err.value)
+    assert not str(err.value).startswith("--set train.max_steps")  # what the first version of the --set rule said
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--set", "train.lrr=1e-4"], "did you mean 'train.lr'?"),
     (["--set", "method.lora.dropout=1.5"], "method.lora.dropout"),
@@ -204,7 +239,7 @@ def test_a_bad_yaml_value_still_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["recipes", "show", "nope"], "error: recipe 'nope': not a built-in recipe; fix: use one of dialogpt-banking77, "),
+    (["recipes", "show", "nope"], "error: recipe 'nope': not a built-in recipe; fix: use one of demo-gemma2-loss0, demo-gemma3-270m-intents, "),
     (["runs", "--status", "foo"], "error: --status 'foo': unknown; fix: use one of completed, dead, failed, "),
     (["runs", "--status", "complted"], "error: --status 'complted': unknown; fix: did you mean 'completed'?"),
     (["train", "tiny-gemma2-dolly", "--name", "../x"], "error: --name '../x': a run name is one folder inside "

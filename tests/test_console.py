@@ -45,3 +45,12 @@ def test_cli_recipes_train_compare_on_a_narrow_console(encoding, tmp_path, fast_
     assert json.loads((Path(runs) / encoding / "summary.json").read_text())["status"] == "completed"
     compared = peftlab(encoding, "compare", encoding, "--runs-dir", str(runs)).stdout
     assert encoding in compared and "completed" in compared
+
+
+def test_an_epoch_record_is_its_own_line_not_a_step_of_dashes() -> None:
+    from peftlab.watch.console import format_record
+
+    # `peftlab watch` replayed this record as `step 4  epoch 0.10  loss -  grad_norm -  lr -  tok/s 279  mem - GiB`
+    record = {"kind": "epoch", "epoch": 0.0952, "step": 4, "epoch_time_s": 3.383, "eval_time_s": 0.0,
+              "samples_per_s": 18.921, "tokens_per_s": 279.08, "padded_tokens_per_s": 756.82, "peak_mem_rss_gib": 0.645}
+    assert format_record(record) == "epoch 0.0952: 3.4 s (0.0 s eval), 279 real / 757 padded tokens/s, peak 0.645 GiB"

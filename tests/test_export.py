@@ -64,6 +64,14 @@ def test_bad_exports_are_one_line(qlora_run, cli, monkeypatch):
     (qlora_run / "empty" / "summary.json").write_text('{"status": "failed"}')
     code, lines = cli("export", "empty", "--runs-dir", str(qlora_run))
     assert code == 2 and "has no adapter/" in lines[-1]
+    # a folder of the user's own is refused, not replaced whole; an earlier export is replaced
+    (qlora_run / "mine").mkdir()
+    (qlora_run / "mine" / "thesis.txt").write_text("keep")
+    code, lines = cli("export", "q", "--runs-dir", str(qlora_run), "--out", str(qlora_run / "mine"))
+    assert code == 2 and lines[-1].startswith(f"error: --out {qlora_run / 'mine'}: holds files of its own (thesis.txt)")
+    assert (qlora_run / "mine" / "thesis.txt").read_text() == "keep"
+    code, lines = cli("export", "q", "--runs-dir", str(qlora_run), "--out", str(qlora_run / "pushed"))
+    assert code == 0 and (qlora_run / "pushed" / "model.safetensors").is_file()
 
 
 def test_diffusion_qlora_serves_and_exports_its_trained_4bit_unet(tmp_path, cli, monkeypatch):

@@ -88,3 +88,16 @@ def test_a_conversion_without_weights_is_an_error_not_a_cache_entry(tmp_path):
     with pytest.raises(PeftlabError, match=r"\*\.safetensors"):
         gguf.converted(model, no_weights)
     assert not gguf.cache_folder(model).exists()
+
+
+def test_the_gguf_readers_own_bar_is_off_while_converting_then_back(capsys):
+    # it ignores transformers' disable_progress_bar: the demo's piped stderr held its carriage-return bar
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    def draw() -> str:
+        list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        return capsys.readouterr().err
+
+    with gguf.quiet_gguf_reader():
+        assert draw() == ""
+    assert "Converting and de-quantizing" in draw()

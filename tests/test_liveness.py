@@ -18,7 +18,7 @@ from peftlab.registry import Registry
 from peftlab.report.compare import compare
 from peftlab.report.html import write_report
 from peftlab.runlock import LOCK_NAME, process_start, shown_status
-from peftlab.runs import RunDir, read_jsonl
+from peftlab.runs import RunDir, open_run, read_jsonl
 from peftlab.watch.live import follow, wait_for_run
 
 
@@ -178,3 +178,12 @@ def test_a_second_writer_on_a_live_run_gets_one_error_line(runs_dir, cli):
     assert RunDir(runs_dir / "live").shown_status() == "dead"
     code, lines = cli("train", "tiny-gemma2-dolly", "--name", "live", "--runs-dir", str(runs_dir))
     assert code == 2 and "already holds a run (status dead)" in lines[-1]
+
+
+def test_a_run_not_found_names_each_folder_looked_in_once(tmp_path) -> None:
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(PeftlabError, match=rf"\(no config.yaml in 'nope' or '{runs_dir}/nope'\)"):
+        open_run("nope", runs_dir)
+    absolute = tmp_path / "gone"  # runs_dir / an absolute path is that path: it was named twice
+    with pytest.raises(PeftlabError, match=rf"\(no config.yaml in '{absolute}'\); fix: "):
+        open_run(str(absolute), runs_dir)

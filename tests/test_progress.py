@@ -39,6 +39,16 @@ def test_a_phase_in_a_log_prints_its_start_tenths_with_eta_and_its_end(capsys) -
     assert not any("\x1b" in line or "\r" in line for line in out)  # no ANSI, no carriage return in a pipe
 
 
+def test_a_phase_stopped_short_of_its_total_does_not_say_done(capsys) -> None:
+    # Ctrl-C at step 4 of 12 printed "train: done in 3s (4/12)"
+    clock = Clock()
+    progress = Progress("train", total=12, clock=clock).start()
+    clock.now += 3.0
+    progress.advance(4)
+    progress.stop()
+    assert lines(capsys)[-1] == "train: stopped after 3s (4/12)"
+
+
 def test_a_resumed_phase_counts_its_eta_from_this_session_and_quick_tenths_stay_quiet(capsys) -> None:
     clock = Clock()
     progress = Progress("train", clock=clock).start(total=100, done=50)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -447,7 +448,11 @@ def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, .
         return Recipe.model_validate(data)
     except ValidationError as exc:
         loc = tuple(str(p) for p in exc.errors()[0]["loc"])
-        flag = next((f"--set {item}" for key, item in (set_by or {}).items() if loc and loc[:len(key)] == key), None)
+        # at or under the key set; or above it for an unknown key (`--set foo.bar=1`: `foo`), not for a section's
+        # own check (`train`'s steps rule is not about `--set train.max_steps`)
+        unknown = exc.errors()[0]["type"] == "extra_forbidden"
+        flag = next((f"--set {item}" for key, item in (set_by or {}).items()
+                     if loc and (loc[:len(key)] == key or (unknown and key[:len(loc)] == loc))), None)
         raise PeftlabError(f"{flag or origin}: {_describe(exc)}") from None
 
 
@@ -471,12 +476,14 @@ def _read_yaml(path: Path) -> Any:
         raise PeftlabError(f"{path}: cannot read the recipe ({exc.__class__.__name__}); fix: check the path and that it is UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
-        return {} if data is None else data  # an empty file is the default recipe; `0` or `[]` is no recipe
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid syntax"
         raise PeftlabError(f"{path}: malformed YAML{where}: {problem}; fix: check indentation and quoting there") from None
+    if data is None:  # an empty file (a failed copy, the wrong path) would silently train every default: hours
+        raise PeftlabError(f"{path}: the recipe file is empty; fix: write a recipe in it (`peftlab recipes show tiny-gemma2-dolly` prints one)")
+    return data
 
 
 def _apply_override(data: dict, item: str) -> list[str]:
@@ -520,9 +527,14 @@ def _describe(exc: ValidationError) -> str:
         got = first.get("input")
         got_text = json.dumps(got, default=str)[:60] if not isinstance(got, dict) else "a mapping"
         problem = first["msg"].removeprefix("Value error, ")
-        # pydantic's own messages ("Input should be a valid integer, unable to parse ...") carry no fix: say it
-        fix = "" if "fix:" in problem else f"; fix: {key} must be {problem.removeprefix('Input should be ').split(',')[0]}"
-        msg = f"{key}: {problem} (got {got_text}){fix}"
+        # pydantic's own messages ("Input should be a valid integer, unable to parse ...") carry no fix: say it,
+        # cut before their explanation, not inside a list of choices ("'auto', True or False")
+        expected = re.split(r", (?=[a-z])", problem.removeprefix("Input should be "))[0]
+        fix = "" if "fix:" in problem else f"; fix: {key} must be {expected}"
+        if first["type"] == "model_type" and (keys := _valid_keys(loc)):  # a section given a scalar
+            fix = f"; fix: {key} is a section: set its keys ({', '.join(keys)}), e.g. --set {key}.{keys[0]}=..."
+        what, sep, own_fix = problem.partition("; fix:")  # a validator's own fix stays last, after what was found
+        msg = f"{key}: {what} (got {got_text}){sep}{own_fix}{fix}"
         if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
             msg = problem
     more = len(errors) - 1

@@ -28,11 +28,25 @@ def export_run(run: RunDir, recipe: Recipe, out: Path) -> Exported:
                            "fix: export a run that trained (peftlab runs --status completed)")
     if out.resolve() == run.path.resolve() or run.path.resolve() in out.resolve().parents:
         raise PeftlabError(f"--out {out}: inside the run folder; fix: choose a folder outside {run.path}")
+    check_replaceable(out)
     with atomic_dir(out) as folder:
         exported = get_task(recipe.task).export(run, recipe, folder)
         exported.load = exported.load.format(path=out)
         atomic_write_text(folder / "README.md", model_card(run, recipe, exported))
     return exported
+
+
+def check_replaceable(out: Path) -> None:
+    """The export replaces `out` whole: only a new or empty folder, or an earlier export (its model card carries
+    our tag), may be. `-o ~/work` deleted everything in it."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    card = out / "README.md"
+    if card.is_file() and "\n- peftlab\n" in card.read_text(encoding="utf-8", errors="replace")[:4000]:
+        return
+    found = sorted(p.name for p in out.iterdir())
+    raise PeftlabError(f"--out {out}: holds files of its own ({', '.join(found[:3])}{', ...' * (len(found) > 3)}) and "
+                       f"the export replaces the folder whole; fix: choose a new or empty folder, e.g. --out {out / 'model'}")
 
 
 def model_card(run: RunDir, recipe: Recipe, exported: Exported) -> str:

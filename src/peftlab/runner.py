@@ -173,9 +173,15 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
             if run.writer:
                 index_run(run)  # and how it ended, whatever happened
             run.release()  # only now: until the end is recorded, a free lock would read as a dead run
-    say(f"done: {run.path} (loss {summary.get('final_train_loss')}, eval loss {summary.get('eval_loss')}"
-        f"{_speed(summary)})")
+    say(f"done: {run.path} ({_losses(summary)}{_speed(summary)})")
     return run
+
+
+def _losses(summary: dict[str, Any]) -> str:
+    """`loss 0.2919, eval loss 0.27`: 4 significant digits, as the step lines; a loss the run has not is left out
+    (diffusion has no eval loss: it said `eval loss None`)."""
+    values = ((label, summary.get(key)) for label, key in (("loss", "final_train_loss"), ("eval loss", "eval_loss")))
+    return ", ".join(f"{label} {value:.4g}" for label, value in values if isinstance(value, (int, float)))
 
 
 def _speed(summary: dict[str, Any]) -> str:

@@ -318,7 +318,16 @@ def finish_fields(status: str, reason: str | None = None) -> dict[str, Any]:
 
 def open_run(ref: str, runs_dir: Path) -> RunDir:
     """A run by folder path or by name under runs_dir."""
-    for candidate in (Path(ref), Path(runs_dir) / ref):
+    for candidate in _candidates(ref, runs_dir):
         if (candidate / "config.yaml").exists():
             return RunDir(candidate)
-    raise PeftlabError(f"run '{ref}' not found (no config.yaml in '{ref}' or '{Path(runs_dir) / ref}'); fix: see `peftlab runs` or pass the folder")
+    raise PeftlabError(f"run '{ref}' not found ({where_looked(ref, runs_dir)}); fix: see `peftlab runs` or pass the folder")
+
+
+def _candidates(ref: str, runs_dir: Path) -> list[Path]:
+    return list(dict.fromkeys((Path(ref), Path(runs_dir) / ref)))  # an absolute ref is both: name it once
+
+
+def where_looked(ref: str, runs_dir: Path) -> str:
+    """`no config.yaml in 'a' or 'runs/a'`: the folders open_run tried, each once."""
+    return "no config.yaml in " + " or ".join(f"'{c}'" for c in _candidates(ref, runs_dir))

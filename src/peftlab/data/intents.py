@@ -182,6 +182,11 @@ def _split_indices(table: Any, size: float | int, cfg: DataConfig, seed: int, fi
                 f"{field}: class '{label}' has {count} row, too few for a stratified split; fix: add rows, drop it from "
                 "data.classify.labels, or set data.classify.stratify=false"
             )
+        classes = len(set(labels))
+        if isinstance(size, int) and size < classes:  # sklearn's words: "The test_size = 3 should be greater or ..."
+            raise PeftlabError(f"{field}: {size} rows are fewer than the {classes} classes, and a stratified part holds "
+                               f"one row of each at least; fix: set {field} to {classes} or more, or "
+                               "data.classify.stratify=false")
     try:
         return train_test_split(list(range(len(table))), test_size=size, stratify=stratify, random_state=seed)
     except ValueError as exc:  # e.g. fewer held-out rows than classes
@@ -230,7 +235,9 @@ def encode(table: Any, tokenizer: Any, label2id: dict[str, int], max_length: int
            max_length]
     fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     with phase(f"tokenizing {part}", total=len(table)) as progress:
-        return table.map(tokenize, batched=True, remove_columns=table.column_names, new_fingerprint=fingerprint)
+        encoded = table.map(tokenize, batched=True, remove_columns=table.column_names, new_fingerprint=fingerprint)
+        progress.advance(len(table))  # a cache hit never calls `tokenize`: the rows are ready all the same
+        return encoded
 
 
 def _stats(train: Any, evaluation: Any | None, test: Any | None, num_labels: int, max_length: int) -> ClassDataStats:

@@ -87,8 +87,8 @@ def check_targets(model: nn.Module, lora: LoraSettings) -> None:
     missing = [t for t in lora.target_modules if t not in available]
     if missing:
         raise PeftlabError(
-            f"method.lora.target_modules: {missing} match no module of this model; linear layers it has: "
-            f"{', '.join(available)}"
+            f"method.lora.target_modules: {missing} match no module of this model; fix: choose among its linear "
+            f"layers: {', '.join(available)} (or all-linear)"
         )
 
 

@@ -9,9 +9,10 @@ gets a new folder; the digest is computed once per (path, size, mtime) in a proc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,24 @@ def convert_with_transformers(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with quiet_gguf_reader():
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     forget_gguf_quantizer(model)
     model.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def quiet_gguf_reader() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar, which ignores `disable_progress_bar()`: carriage returns
+    in a piped log, beside our phase line that says the same. Off while converting, then as it was."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def forget_gguf_quantizer(model: Any) -> None:

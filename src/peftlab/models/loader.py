@@ -118,7 +118,10 @@ def pypi_gguf(name: str) -> Path:
 
 
 def offline_error(cfg: ModelConfig, alternatives: str) -> PeftlabError:
-    """A hub id that is neither cached nor reachable: say so, and what to use instead."""
+    """A hub id that is neither cached nor reachable: say so, and what to use instead. A source written as a path
+    (a hub id is NAME or ORG/NAME) is a folder that does not exist, not a hub id to download."""
+    if cfg.source.startswith(("/", "./", "../", "~")) or cfg.source.count("/") > 1:
+        return PeftlabError(f"model.source '{cfg.source}': no such folder; fix: check the path, or {alternatives}")
     return PeftlabError(
         f"model.source '{cfg.source}': not in the local Hugging Face cache and the hub is unreachable "
         f"(offline={os.environ.get('HF_HUB_OFFLINE', '0')}); fix: `hf download {cfg.source}` where there is network "

@@ -52,6 +52,11 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 
 def format_record(record: dict[str, Any]) -> str:
+    """A metrics.jsonl record as one console line (training prints it, `peftlab watch` replays it)."""
+    if record.get("kind") == "epoch":  # not a step: its own line, or `watch` showed `loss -  grad_norm -  lr -`
+        return (f"epoch {record['epoch']:g}: {record['epoch_time_s']:.1f} s ({record['eval_time_s']:.1f} s eval), "
+                f"{record['tokens_per_s']:.0f} real / {record['padded_tokens_per_s']:.0f} padded tokens/s, "
+                f"peak {record.get('peak_mem_allocated_gib', record.get('peak_mem_rss_gib'))} GiB")
     if record.get("kind") == "eval":
         parts = [f"eval step {record['step']}"] + [f"{k} {_fmt(v)}" for k, v in record.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k]
         return "  ".join(parts)

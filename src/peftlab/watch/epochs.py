@@ -14,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from peftlab.runs import RunDir
-from peftlab.watch.console import say
+from peftlab.watch.console import format_record, say
 from peftlab.watch.memory import peak_memory, reset_peak_memory
 from peftlab.watch.monitor import BatchCounter
 
@@ -53,9 +53,7 @@ class EpochCallback(TrainerCallback):
             **peak,
         }
         self.run.append_metrics(record)
-        mem = next(iter(peak.values()), None)
-        say(f"epoch {record['epoch']:g}: {wall:.1f} s ({self._eval_s:.1f} s eval), "
-            f"{record['tokens_per_s']:.0f} real / {record['padded_tokens_per_s']:.0f} padded tokens/s, peak {mem} GiB")
+        say(format_record(record))
 
     def peak_memory(self) -> dict[str, float]:
         """The run's peak so far: the epochs' peaks and the window since the last epoch began."""

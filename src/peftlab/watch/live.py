@@ -23,7 +23,7 @@ from rich.text import Text
 from peftlab.columns import key_metric_text, key_metrics, number
 from peftlab.errors import PeftlabError
 from peftlab.runlock import DEAD, dead_reason, shown_status
-from peftlab.runs import RunDir, open_run
+from peftlab.runs import RunDir, open_run, where_looked
 from peftlab.secrets import redact
 from peftlab.watch.console import console, duration, format_record, say
 
@@ -186,8 +186,8 @@ def wait_for_run(ref: str, runs_dir: Path, timeout: float, interval: float = 0.5
         except PeftlabError:
             if clock() >= deadline:
                 raise PeftlabError(
-                    f"run '{ref}' not found after waiting {timeout:g}s (no config.yaml in '{ref}' or "
-                    f"'{Path(runs_dir) / ref}'); fix: check the name with `peftlab runs` or --runs-dir, or start "
+                    f"run '{ref}' not found after waiting {timeout:g}s ({where_looked(ref, runs_dir)}); fix: check "
+                    "the name with `peftlab runs` or --runs-dir, or start "
                     "the run first (--timeout SECONDS waits longer)"
                 ) from None
             if not waiting:

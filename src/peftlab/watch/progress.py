@@ -108,7 +108,9 @@ class Progress:
             self._bar = None
         if self.enabled:
             count = f" ({self.completed}/{self.total})" if self.total else ""
-            status(f"{self.description}: done in {duration(self.clock() - self.started_at)}{count}")
+            # short of its total: interrupted or stopped by the guard, which "done" would hide
+            ended = "done in" if not self.total or self.completed >= self.total else "stopped after"
+            status(f"{self.description}: {ended} {duration(self.clock() - self.started_at)}{count}")
         self.enabled = False  # stopped once: a second stop (an engine's finally after an error) prints nothing
 
     def cancel(self) -> None:
