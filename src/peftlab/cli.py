@@ -425,7 +425,7 @@ def demo(runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     runs = run_demo(runs_dir)
     say(f"run folders: {', '.join(str(r.path) for r in runs)}, {runs_dir / 'demo-loss0'}")
     say("note: on a CPU, memory is the process's resident set and bitsandbytes runs 4-bit through a dequantizing "
-        "fallback, so these speed and memory ratios are not GPU figures (see bench/README.md for H100 numbers)")
+        "fallback, so these speed and memory ratios are not GPU figures (see bench/README.md for H100 and H200 numbers)")
 
 
 def usage_error(exc: typer.TyperException) -> int:

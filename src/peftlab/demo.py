@@ -90,7 +90,9 @@ def _parts(runs_dir: Path, recipe: Recipe | None) -> list[RunDir]:
     from peftlab.tasks.classify import untrained_accuracy
 
     timings = Timings()
-    with timings.part("model ready (GGUF conversion on the first run only)"):
+    recipe = recipe or demo_recipe()
+    gguf = recipe.model.parsed.kind == "gguf"
+    with timings.part("model ready" + (" (GGUF conversion on the first run only)" if gguf else "")):
         recipe = prepare_model(recipe)
     learned = []
     for method in METHODS:
