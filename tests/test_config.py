@@ -118,6 +118,8 @@ def test_a_section_check_names_the_recipe_not_an_unrelated_flag_under_it():
         load_recipe("tiny-dialogpt-banking77", ["train.max_steps=12", "train.save_steps=2"])
     assert "tiny-dialogpt-banking77.yaml: train.best_metric needs train.eval_steps" in str(err.value)
     assert not str(err.value).startswith("--set train.max_steps")  # what the first version of the --set rule said
+    # the fix keeps the user's own save interval (it suggested 50/100 for a 12-step run)
+    assert str(err.value).endswith("fix: e.g. --set train.eval_steps=2 --set train.save_steps=2")
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -202,10 +202,12 @@ class TrainConfig(Section):
     def _best_needs_checkpoints(self) -> TrainConfig:
         # The best checkpoint can only be kept if every evaluation step is also a save step.
         if self.best_metric and not (self.eval_steps and self.save_steps and self.save_steps % self.eval_steps == 0):
+            # the suggestion keeps what the user set: evaluate at every save, or save at every evaluation
+            every = self.save_steps or self.eval_steps or 50
             raise ValueError(
                 f"train.best_metric needs train.eval_steps and train.save_steps with save_steps a multiple of "
                 f"eval_steps (got eval_steps={self.eval_steps}, save_steps={self.save_steps}); fix: e.g. "
-                f"--set train.eval_steps=50 --set train.save_steps=100"
+                f"--set train.eval_steps={every} --set train.save_steps={every}"
             )
         return self
 
