@@ -86,9 +86,11 @@ def test_data_files(cli, runs_dir, fast_sets, tmp_path, case, needles):
     if case == "blank":
         source.write_text("\n  \n\n")
     sets = ["--set", f"data.source={source}", "--set", "data.eval_fraction=0.5"]
-    one_line_error(*cli("train", "tiny-gemma2-dolly", *fast_sets, *sets, "--runs-dir", str(runs_dir), "--name", case),
-                   *needles)
+    code, lines = cli("train", "tiny-gemma2-dolly", *fast_sets, *sets, "--runs-dir", str(runs_dir), "--name", case)
+    one_line_error(code, lines, *needles)
     assert not (runs_dir / case).exists()
+    if case != "missing":  # a run folder was announced: the output says it is gone again
+        assert f"run folder {runs_dir / case}: removed (refused before its first step, nothing was trained)" in lines
     if case == "columns":  # once: the corrected rerun under the same name
         refused_run(cli, runs_dir, case, fast_sets)
 

@@ -121,6 +121,7 @@ def _remove(run: RunDir) -> None:
     if run.writer:
         shutil.rmtree(run.path, ignore_errors=True)
         forget_run(run)
+        say(f"run folder {run.path}: removed (refused before its first step, nothing was trained)")
 
 
 def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path | None = None,
