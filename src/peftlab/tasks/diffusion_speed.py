@@ -19,9 +19,6 @@ saved from, and the sample grid drawn with, the eager module, so sampling's othe
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +26,7 @@ from typing import Any
 import torch
 
 from peftlab.config import Recipe, TrainConfig
-from peftlab.engines.fast.compile import CompileCache
+from peftlab.engines.fast.compile import CompileCache, graph_key
 
 GIB = 1024**3
 # The share of the GPU's memory a planned micro-batch may fill (the rest: optimizer states, the allocator's
@@ -130,20 +127,18 @@ def compiles(recipe: Recipe, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def compile_key(unet: Any, recipe: Recipe, micro_batch: int, precision: str, mode: str | None) -> str:
+def compile_key(unet: Any, recipe: Recipe, micro_batch: int, precision: str, mode: str | None,
+                device: torch.device) -> str:
     """A short hash of what a compiled UNet graph depends on (architecture, LoRA, method, shapes, dtypes, versions)."""
     import diffusers
     import peft
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     lora = recipe.method.lora
-    parts = {"unet": dict(unet.config), "micro_batch": micro_batch, "resolution": recipe.data.images.resolution,
-             "precision": precision, "method": recipe.method.name, "quant": recipe.method.quant.model_dump(),
-             "lora": {"r": lora.r, "targets": lora.target_modules, "dropout": lora.dropout}, "mode": mode,
-             "channels_last": recipe.diffusion.speed.channels_last, "backend": BACKEND, "torch": torch.__version__,
-             "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-             "device": device}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return graph_key({"unet": dict(unet.config), "micro_batch": micro_batch, "resolution": recipe.data.images.resolution,
+                      "precision": precision, "method": recipe.method.name, "quant": recipe.method.quant.model_dump(),
+                      "lora": {"r": lora.r, "targets": lora.target_modules, "dropout": lora.dropout}, "mode": mode,
+                      "channels_last": recipe.diffusion.speed.channels_last, "backend": BACKEND,
+                      "diffusers": diffusers.__version__, "peft": peft.__version__}, device)
 
 
 def apply(recipe: Recipe, unet: Any, device: torch.device, precision: str, micro_batch: int,
@@ -162,7 +157,7 @@ def apply(recipe: Recipe, unet: Any, device: torch.device, precision: str, micro
     if compiles(recipe, device):
         plan.cuda_graphs = speed.cuda_graphs and device.type == "cuda"
         mode = "reduce-overhead" if plan.cuda_graphs else None
-        plan.cache = CompileCache(compile_key(unet, recipe, micro_batch, precision, mode))
+        plan.cache = CompileCache(compile_key(unet, recipe, micro_batch, precision, mode, device))
         warm = plan.cache.load()
         # Static shapes: every micro-batch has the same size except an epoch's last partial one (one more graph).
         plan.compiled = torch.compile(unet, dynamic=False, mode=mode, backend=BACKEND)

@@ -75,14 +75,20 @@ def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool, sizes
     import peft
     import transformers
 
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
     lora = model.peft_model.peft_config[model.peft_model.active_adapter]
-    parts = {
+    return graph_key({
         "config": model.config.to_dict(), "budget": [budget, *sizes], "precision": model.precision, "task": model.task,
         "checkpointing": gradient_checkpointing, "lora": {"r": lora.r, "targets": sorted(lora.target_modules)},
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(), "device": device,
-    }
+        "transformers": transformers.__version__, "peft": peft.__version__,
+    }, model.device)
+
+
+def graph_key(parts: dict[str, Any], device: torch.device) -> str:
+    """A short hash of `parts` (what one kind of compiled graph depends on) and of what every compiled graph
+    depends on: the torch and Python versions and the device's name. Used by the fast engine and the diffusion
+    task's compiled UNet (tasks/diffusion_speed.py)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    parts = {**parts, "torch": torch.__version__, "python": platform.python_version(), "device": name}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
