@@ -130,8 +130,8 @@ def offline_error(cfg: ModelConfig, alternatives: str) -> PeftlabError:
 
 
 def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, **kwargs: Any) -> Any:
-    """Call a transformers loader, turning 'not cached and no hub' into a one-line answer. Loading weights and
-    show progress."""
+    """Call a transformers loader, turning 'not cached and no hub' into a one-line answer; loading weights shows
+    progress."""
     try:
         with _loading_phase(loader, cfg):
             return loader.from_pretrained(location, **kwargs)
