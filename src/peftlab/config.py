@@ -197,6 +197,8 @@ class TrainConfig(Section):
         "auto", description="how the optimisation loop runs (engines/): auto = the best registered engine for the job"
     )
     memory_limit_gib: float | None = Field(None, gt=0, description="cap for the fast engine's planner, GiB per GPU")
+    cuda_graphs: bool = Field(True, description="fast engine on CUDA: replay each micro-step as a CUDA graph "
+                              "(off under activation checkpointing)")
 
     @model_validator(mode="after")
     def _best_needs_checkpoints(self) -> TrainConfig:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from peftlab.engines.fast.graphs import MicroStepGraphs, eager_micro_step
 from peftlab.engines.fast.model import FastModel
 from peftlab.engines.fast.packing import PackedBatch
 
@@ -96,9 +97,12 @@ class FastLoop:
     runs its share of every step (packing.packed_steps, weighted for the whole step), and the gradients and the
     step loss are summed over the processes in one all-reduce before clipping: every process then takes the
     same optimizer step. (DDP's module wrapper is not used: the loop calls the backbone itself, and one
-    all-reduce per optimizer step is what gradient accumulation needs.)"""
+    all-reduce per optimizer step is what gradient accumulation needs.)
 
-    def __init__(self, model: FastModel, settings: LoopSettings) -> None:
+    cuda_graphs: replay each micro-batch's forward and backward as a CUDA graph per row shape (graphs.py);
+    `graph_failure` then says why if a capture failed and the loop fell back to eager micro-steps."""
+
+    def __init__(self, model: FastModel, settings: LoopSettings, cuda_graphs: bool = False) -> None:
         from transformers import get_scheduler
 
         self.model, self.settings = model, settings
@@ -113,6 +117,17 @@ class FastLoop:
         self.optimizer = torch.optim.AdamW(param_groups(named, settings.weight_decay), lr=settings.lr, fused=fused)
         self.scheduler = get_scheduler(settings.scheduler, self.optimizer, num_warmup_steps=settings.warmup_steps,
                                        num_training_steps=settings.total_steps)
+        self.graphs = MicroStepGraphs(model, self.params) if cuda_graphs else None
+
+    @property
+    def graph_failure(self) -> str | None:
+        return self.graphs.failure if self.graphs else None
+
+    def micro_step(self, batch: PackedBatch) -> torch.Tensor:
+        """Forward + backward of one micro-batch (gradients accumulate) -> its detached loss, on device."""
+        if self.graphs is not None:
+            return self.graphs(batch)
+        return eager_micro_step(self.model, batch.to(self.model.device, non_blocking=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -123,13 +138,10 @@ class FastLoop:
 
     def step(self, micro_batches: Sequence[PackedBatch], hooks: StepHooks) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over the packed micro-batches of one recipe step -> (loss, grad norm), on device."""
-        device = self.model.device
-        loss = torch.zeros((), device=device)
+        loss = torch.zeros((), device=self.model.device)
         for batch in micro_batches:
             hooks.on_micro_batch(batch)
-            micro = self.model.loss(batch.to(device, non_blocking=True))
-            micro.backward()
-            loss += micro.detach()
+            loss += self.micro_step(batch)
         if self.world > 1:  # a process with no row in this step still takes part (zero gradients)
             for p in self.params:
                 if p.grad is None:
@@ -138,7 +150,7 @@ class FastLoop:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs accumulate into the same tensors
         return loss, grad_norm
 
     def run(self, steps: Iterable[Sequence[PackedBatch]], hooks: StepHooks, start_step: int = 0) -> LoopResult:

@@ -76,8 +76,8 @@ class FastModel:
         return [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "bf16":  # no weight-cast cache: a CUDA graph capture would keep its casts (graphs.py)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:

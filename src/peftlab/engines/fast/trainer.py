@@ -76,6 +76,18 @@ class FastReport:
                 "engine_notes": self.notes}
 
 
+def graphs_note(loop: FastLoop, cuda: bool, chosen: Plan) -> str | None:
+    """A summary line when the micro-steps did not run as CUDA graphs on a CUDA device (None: they did, or CPU)."""
+    if not cuda:
+        return None
+    if loop.graphs is None:
+        why = "activation checkpointing" if chosen.gradient_checkpointing else "train.cuda_graphs is false"
+        return f"fast engine: CUDA graphs off ({why})"
+    if loop.graph_failure:
+        return f"fast engine: CUDA graph capture failed, micro-steps ran eagerly ({loop.graph_failure})"
+    return None
+
+
 class _StepClock:
     """StepHooks wrapper: counts tokens and FLOPs, splits the loop's wall time into compiling steps (a micro-batch
     shape seen for the first time: dynamo compiles it), steady steps and hook work, then passes everything on.
@@ -198,7 +210,8 @@ class FastTrainer:
         t = self.train
         settings = LoopSettings.from_train_config(t, total_steps(len(dataset), t.batch_size * self.world, t.grad_accum,
                                                                  t.epochs, t.max_steps))
-        self.loop = FastLoop(self.model, settings)
+        graphs = cuda and getattr(t, "cuda_graphs", True) and not chosen.gradient_checkpointing
+        self.loop = FastLoop(self.model, settings, cuda_graphs=graphs)
         start = 0
         if resume:
             self.loop.load_state_dict(resume["loop"])
@@ -221,7 +234,7 @@ class FastTrainer:
         def flops(tokens: int, sum_sq: int) -> float:
             return model_flops(self.model.config, tokens, sum_sq, chosen.gradient_checkpointing, self.task == "sft")
 
-        notes = [n for n in (attention_dropout_note(self.model.config),) if n]
+        notes = [n for n in (attention_dropout_note(self.model.config), graphs_note(self.loop, cuda, chosen)) if n]
         first_step_s = None if clock.first_step_s is None else clock.first_step_s + (clock.started - began)
         return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s,
                           plan_s + clock.compile_s if cuda else None, first_step_s, hit, clock.tokens,
