@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -98,7 +95,7 @@ def copy_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")
                 force: Annotated[bool, typer.Option(help="replace the file if it exists")] = False) -> None:
     """Copy a built-in recipe to PATH, to start a recipe of your own (`peftlab train PATH`)."""
     from peftlab.config import builtin_recipe_text
-    from peftlab.runs import atomic_write_text
+    from peftlab.runs import atomic_write_text, writing_output
 
     if path.exists() and not force:
         raise PeftlabError(f"{path}: already exists; fix: choose another path, or --force to replace it")
@@ -250,6 +247,7 @@ def matrix(recipe: RecipeArg, methods: Annotated[str, typer.Option(help="comma-s
     """Run one recipe under several methods with identical settings, then compare them."""
     from peftlab.config import load_recipe
     from peftlab.matrix import parse_methods, run_matrix
+    from peftlab.report.html import show_report
     from peftlab.runs import check_name, sanitize_name
 
     check_name(name, "--name")
@@ -308,39 +306,16 @@ def show_comparison(runs, baseline=None, fmt: str = "table") -> None:
     print_comparison(compare_runs(runs, baseline), fmt)
 
 
-@contextmanager
-def writing_output(path: Path, option: str) -> Iterator[None]:
-    """An output the user named (-o, PATH): missing parent folders are made, as `mkdir -p` would, by every verb
-    alike; a path that cannot be written (a file where a folder should be, no permission, a full disk) is one line."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield
-    except OSError as exc:
-        where = Path(exc.filename or path.parent)
-        if not where.absolute().is_relative_to(path.parent.absolute()):  # not a write of this output
-            raise
-        why = ("a file is in the way of a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
-               else exc.strerror or exc.__class__.__name__)
-        raise PeftlabError(f"{option} {path}".strip() + f": cannot write {where} ({why}); "
-                           "fix: choose a path in a folder you can write to") from None
-
-
-def show_report(runs, out: Path, baseline=None) -> None:
-    from peftlab.report.html import plots_dir, write_report
-
-    with writing_output(out, "-o"):
-        path = write_report(runs, out, baseline)
-    say(f"report: {path} (plots as PNG in {plots_dir(path)})")
-
-
 @app.command()
 def report(runs: RunsArg, baseline: BaselineOpt = None,
            output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
            runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     """One self-contained HTML page: comparison, training curves, samples, recipes, environments."""
     from peftlab.report.compare import open_source
+    from peftlab.report.html import show_report
 
-    show_report([open_source(r, runs_dir) for r in runs], output, baseline_source(baseline, runs_dir) if baseline else None)
+    show_report([open_source(r, runs_dir) for r in runs], output, baseline_source(baseline, runs_dir) if baseline else None,
+                option="-o")
 
 
 @app.command("runs")
@@ -426,7 +401,7 @@ def export(run: Annotated[str, typer.Argument(help="run folder or name")],
     from peftlab.config import load_recipe
     from peftlab.export import describe, export_run
     from peftlab.export import push as push_folder
-    from peftlab.runs import open_run
+    from peftlab.runs import open_run, writing_output
 
     folder = open_run(run, runs_dir)
     out = out or folder.path.parent / f"{folder.name}-merged"

@@ -89,6 +89,23 @@ IO_WORDING = {"No space left on device": errno.ENOSPC, "StorageFull": errno.ENOS
               "Read-only file system": errno.EROFS, "ReadOnlyFilesystem": errno.EROFS}
 
 
+@contextlib.contextmanager
+def writing_output(path: Path, option: str) -> Iterator[None]:
+    """An output the user named (-o, PATH): missing parent folders are made, as `mkdir -p` would, by every verb
+    alike; a path that cannot be written (a file where a folder should be, no permission, a full disk) is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        where = Path(exc.filename or path.parent)
+        if not where.absolute().is_relative_to(path.parent.absolute()):  # not a write of this output
+            raise
+        why = ("a file is in the way of a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
+               else exc.strerror or exc.__class__.__name__)
+        raise PeftlabError(f"{option} {path}".strip() + f": cannot write {where} ({why}); "
+                           "fix: choose a path in a folder you can write to") from None
+
+
 def io_cause(exc: BaseException, folder: Path) -> OSError | None:
     """The operating-system write failure behind `exc` (itself, its cause, or in a wrapping library's
     message), or None when `exc` is not one. torch.save hides the errno ("file write failed", "unexpected

@@ -33,6 +33,8 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     `listeners` follow the evaluations (a sweep's pruner)."""
     task = get_task(recipe.task)
     prepared = task.prepare(recipe, run)
+    for listener in listeners:
+        listener.job_ready(prepared.job)
     engine = resolve_engine(recipe.train.engine, prepared.job)
     carried = carried_state(resume_from)
     prepared.counter = prepared.counter_class(**carried.get("counter", {}))
