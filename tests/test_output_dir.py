@@ -120,3 +120,25 @@ def test_matrix_and_sweep_put_each_run_under_output_dir(cli, fast_sets, tmp_path
     trial = RunDir(tmp_path / "out" / "sw" / "s" / "trial-000")  # as the Trainer's search: output_dir/run-N
     assert trial.summary()["status"] == "completed" and trial.summary()["output_dir"] == "out/sw"
     assert (tmp_path / "out" / "sw" / "s" / "sweep.json").is_file() and not (tmp_path / "runs").exists()
+
+
+def test_two_processes_train_one_run_into_output_dir(tmp_path):
+    """--gpus 2 (gloo processes): no name is chosen at launch, every rank reads the same folder from the recipe."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from peftlab.models.presets import preset_checkpoint
+
+    preset_checkpoint("tiny-gemma2", torch.float32)  # built once here, not raced by the two ranks
+    sets = ["train.max_steps=2", "train.logging_steps=1", "train.batch_size=2", "train.grad_accum=1",
+            "data.max_samples=32", 'eval.prompts=["Hi"]', "eval.max_new_tokens=2", f"output_dir={tmp_path / 'out' / 'ddp'}"]
+    done = subprocess.run([sys.executable, "-m", "peftlab", "train", "tiny-gemma2-dolly", "--gpus", "2",
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.is_dir()] == ["ddp"]  # one folder for both ranks
+    summary = RunDir(tmp_path / "out" / "ddp").summary()
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and not (tmp_path / "runs").exists()
