@@ -342,7 +342,8 @@ class TrackingConfig(Section):
 
 
 # Where a run goes, not what it trains: kept out of to_dict() (config.yaml, compare's recipe differences, the
-# trackers' hyperparameters, resume's check) and so out of config_hash, as a run's name is. summary.json records it.
+# trackers' hyperparameters, resume's check) and so out of config_hash, as the run's folder name (--name) is;
+# summary.json records it. (`seed` and `name` change what is trained or how it is labelled: they stay in.)
 WHERE_FIELDS = {"output_dir"}
 
 

@@ -153,7 +153,7 @@ def _run(recipe: Recipe, runs_dir: Path, name: str, listeners: Sequence[Listener
 
 class AccuracyBefore:
     """A run's listener: the validation accuracy of its model as built, before the first step. Measured on the run's
-    own model, so each method's model is built once (a separate build for it cost a second GGUF model load)."""
+    own model, so each method's model is built once (a separate build loaded the model and tokenized the data again)."""
 
     def __init__(self, method: str) -> None:
         self.method, self.value = method, float("nan")
