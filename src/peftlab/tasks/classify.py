@@ -294,9 +294,10 @@ def accuracy(job: TrainJob) -> float:
                            "data.eval_fraction > 0")
     model, training = job.model, job.model.training
     model.eval()
-    # bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight for inference at its first eval-mode
-    # forward and never back for training (bnb nn/modules.py Linear4bit.forward): the run's first step would fail.
-    # It has no dropout: in train mode it computes what the first step's forward computes.
+    # bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight for inference in an eval-mode forward
+    # (bnb nn/modules.py Linear4bit.forward); when that is its first forward, the training forward after it fails
+    # ("a view of a leaf Variable ... in-place": demo-tiny-intents QLoRA; the Trainer's evaluations come after a
+    # training step and are unaffected). It has no dropout: in train mode it computes what the first step computes.
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.train()
