@@ -151,3 +151,24 @@ def test_tokenizing_a_cached_table_reports_every_row(tokenizer, capsys) -> None:
         data = build_class_data(recipe.data, tokenizer, seed=42)
         done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenizing train: done")]
         assert len(done) == 1 and done[0].endswith(f"({len(data.train)}/{len(data.train)})"), done
+
+
+def test_accuracy_before_training_is_measured_on_the_runs_own_model_and_leaves_it_as_it_was(tiny_classifier, runs_dir):
+    """The demo's "accuracy before" (a Listener's job_ready): argmax accuracy of the job's model as built; its mode and
+    the RNG the first step draws from are as they were."""
+    import torch
+
+    from peftlab.runs import RunDir
+    from peftlab.tasks import classify
+
+    job = classify.prepare(tiny_classifier(), RunDir.create(runs_dir, "acc", tiny_classifier())).job
+    with torch.no_grad():  # a zero head scores every class 0: argmax picks label 0 for every row
+        for name, param in job.model.named_parameters():
+            if ".modules_to_save." in name:
+                param.zero_()
+    expected = sum(int(row["labels"]) == 0 for row in job.eval_dataset) / len(job.eval_dataset)
+    job.model.train()
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    assert classify.accuracy(job) == pytest.approx(expected) and 0 < expected < 1
+    assert job.model.training and torch.equal(torch.random.get_rng_state(), state)

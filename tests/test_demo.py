@@ -11,8 +11,13 @@ from peftlab.models import loader
 
 
 def test_the_demo_pipeline_prints_learning_comparison_guard_and_timing(runs_dir, capsys, monkeypatch):
+    from peftlab.tasks import classify
+
     monkeypatch.setenv("COLUMNS", "200")
+    built, build = [], classify.build
+    monkeypatch.setattr(classify, "build", lambda recipe: built.append(recipe.method.name) or build(recipe))
     runs = demo.run_demo(runs_dir, load_recipe(demo.TWIN))
+    assert built == ["lora", "qlora"]  # one model per method: the accuracy before is measured on the run's own
     out = capsys.readouterr().out
     assert [r.name for r in runs] == ["demo-lora", "demo-qlora"]
     for run in runs:

@@ -10,7 +10,6 @@ recipe saved in a run folder uses our names only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import PurePath
 from typing import Any
 
 from peftlab.errors import PeftlabError
@@ -62,6 +61,7 @@ STANDARD_NAMES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "sequence_len": ("data.max_length", None),  # axolotl
     "dataset_name": ("data.source", None),
     "report_to": ("tracking.report_to", None),
+    "output_dir": ("output_dir", None),  # written inside `train:` as TrainingArguments holds it; ours is top-level
     "model_name_or_path": ("model.source", None),
     "base_model": ("model.source", None),  # axolotl
     # peft LoraConfig / BitsAndBytesConfig, flat as axolotl and LLaMA-Factory write them
@@ -91,21 +91,15 @@ ALIASES = {**STANDARD_NAMES, **{name: (f"{section}.{name}", None) for section, n
 
 # Trainer names whose meaning lives outside the recipe here: the hint says where.
 ELSEWHERE = {
-    "output_dir": "the run folder is <--runs-dir>/<--name>; fix: remove it and pass `{output_dir}` (a recipe serves "
-                  "many runs: where each goes is chosen on the command line)",
-    "run_name": "a run's name is its folder's; fix: remove it and pass `--name {run_name}`",
+    "run_name": "a run's name is its folder's; fix: remove it and pass `--name {value}` (or set output_dir)",
     "logging_dir": "trackers write inside the run folder; fix: remove it (tracking.report_to picks the trackers)",
 }
 
 
 def elsewhere(key: str, value: Any) -> str:
-    """Where a Trainer argument that is no recipe field lives, with the command-line flags for the value given:
-    `output_dir: out/hf1` -> `--runs-dir out --name hf1`, the folder HF's Trainer would have written."""
+    """Where a Trainer argument that is no recipe field lives, with the command-line flag for the value given."""
     text = str(value) if isinstance(value, str | int | float) else ""
-    folder = PurePath(text) if text else None
-    flags = (f"--runs-dir {folder.parent} --name {folder.name}" if folder and folder.name
-             else "--runs-dir DIR --name NAME")
-    return ELSEWHERE[key].format(output_dir=flags, run_name=text or "NAME")
+    return ELSEWHERE[key].format(value=text or "NAME")
 
 
 def resolve(path: list[str], key: str, is_field: Callable[[list[str], str], bool]) -> list[str] | None:
@@ -162,7 +156,8 @@ def suggestion(word: str, valid: list[str]) -> str | None:
     own = closest(word, valid)
     if own is not None and _likeness(word, own) >= _likeness(word, alias):
         return None
-    return f"fix: did you mean '{ALIASES[alias][0]}'? ('{alias}' is accepted for it too)"
+    target = ALIASES[alias][0]
+    return f"fix: did you mean '{target}'?" + ("" if target == alias else f" ('{alias}' is accepted for it too)")
 
 
 def _likeness(a: str, b: str) -> float:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +16,7 @@ from peftlab.watch.console import harden_stdio, print_table, say, say_error
 
 if TYPE_CHECKING:
     from peftlab.distributed import Nodes
+    from peftlab.runs import Placement
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA / QLoRA fine-tuning experiments: recipes, run folders, a health guard, comparisons.")
@@ -26,6 +24,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 RecipeArg = Annotated[str, typer.Argument(help="built-in recipe name (see `peftlab recipes`) or a YAML path")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe field, e.g. --set train.lr=1e-4")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="where run folders go")]
+# Verbs that train: not given = the recipe's output_dir, else DEFAULT_RUNS (runs.place); given, it wins.
+RunsRootOpt = Annotated[Path | None, typer.Option(
+    "--runs-dir", help="where run folders go [default: the recipe's output_dir, else $PEFTLAB_RUNS or runs]")]
 DEFAULT_RUNS = Path(os.environ.get("PEFTLAB_RUNS", "runs"))
 USAGE_EXIT = 2
 
@@ -94,7 +95,7 @@ def copy_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")
                 force: Annotated[bool, typer.Option(help="replace the file if it exists")] = False) -> None:
     """Copy a built-in recipe to PATH, to start a recipe of your own (`peftlab train PATH`)."""
     from peftlab.config import builtin_recipe_text
-    from peftlab.runs import atomic_write_text
+    from peftlab.runs import atomic_write_text, writing_output
 
     if path.exists() and not force:
         raise PeftlabError(f"{path}: already exists; fix: choose another path, or --force to replace it")
@@ -106,8 +107,10 @@ def copy_recipe(name: Annotated[str, typer.Argument(help="built-in recipe name")
 
 @app.command()
 def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe name or YAML path (optional with --resume)")] = None,
-          set_: SetOpt = None, name: Annotated[str | None, typer.Option(help="run folder name")] = None,
-          runs_dir: RunsDirOpt = DEFAULT_RUNS,
+          set_: SetOpt = None,
+          name: Annotated[str | None, typer.Option(help="run folder name [default: the recipe's output_dir's, else "
+                                                        "RECIPE-METHOD-TIME]")] = None,
+          runs_dir: RunsRootOpt = None,
           overwrite: Annotated[bool, typer.Option(help="replace an existing run folder of that name")] = False,
           resume: Annotated[str | None, typer.Option(help="continue this run (folder or name) from its last checkpoint")] = None,
           baseline: Annotated[str | None, typer.Option(
@@ -129,23 +132,38 @@ def train(recipe: Annotated[str | None, typer.Argument(help="built-in recipe nam
     checked_strategy(strategy, "--strategy")  # a typo is refused even where it would not be used (one process)
     nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_id)
     nodes.check()
+    loaded = load_recipe(recipe, set_) if recipe else None
     if (gpus > 1 or nnodes > 1) and not ranks().distributed:
-        # The ranks must agree on one folder: name it here, once (across machines, rank 0's name wins).
-        run_name = None if (resume or name or not recipe) else default_run_name(load_recipe(recipe, set_))
-        raise typer.Exit(launch(gpus, strategy, run_name, nodes))
+        # The ranks must agree on one folder: name it here, once (across machines, rank 0's name wins); an
+        # output_dir names it already, the same in every rank.
+        named = resume or name or loaded is None or (loaded.output_dir and runs_dir is None)
+        raise typer.Exit(launch(gpus, strategy, None if named else default_run_name(loaded), nodes))
     if resume:
         if name or overwrite:
             raise PeftlabError("--resume continues an existing run folder; fix: drop --name/--overwrite")
-        given = load_recipe(recipe, set_) if recipe else None
-        if given is None and set_:
+        if loaded is None and set_:
             raise PeftlabError("--set with --resume: a resumed run keeps its recipe; fix: drop --set, or start a new run")
-        run = resume_run(resume, runs_dir, given)
-    elif recipe is None:
+        runs_dir = runs_dir or DEFAULT_RUNS
+        run = resume_run(resume, runs_dir, loaded)
+    elif loaded is None:
         raise PeftlabError("train: missing RECIPE; fix: `peftlab train tiny-gemma2-dolly` (see `peftlab recipes`) or --resume RUN")
     else:
-        run = run_recipe(load_recipe(recipe, set_), runs_dir, name, overwrite=overwrite)
+        where = placed(loaded.output_dir, runs_dir, name, one_run=True)
+        runs_dir = where.runs_dir
+        run = run_recipe(loaded, runs_dir, where.name, overwrite=overwrite)
     if baseline:
         show_comparison([run], baseline_source(baseline, runs_dir))
+
+
+def placed(output_dir: str | None, runs_dir: Path | None, name: str | None, one_run: bool) -> Placement:
+    """runs.place for a verb's flags; the note that they beat the recipe's output_dir goes to stderr."""
+    from peftlab.runs import place
+    from peftlab.watch.progress import status
+
+    where = place(output_dir, runs_dir, name, DEFAULT_RUNS, one_run)
+    if where.note:
+        status(where.note)
+    return where
 
 
 def launch(processes: int, strategy: str, run_name: str | None, nodes: Nodes) -> int:
@@ -192,7 +210,7 @@ def sweep(recipe: RecipeArg,
           storage: Annotated[str | None, typer.Option(
               help="SQLAlchemy URL shared by several machines (default: sqlite in the study folder)")] = None,
           resume: Annotated[bool, typer.Option(help="extend an existing study with more trials")] = False,
-          set_: SetOpt = None, runs_dir: RunsDirOpt = DEFAULT_RUNS,
+          set_: SetOpt = None, runs_dir: RunsRootOpt = None,
           baseline: Annotated[str | None, typer.Option(
               help="with --final: compare with this run, JSON file of metrics, or shipped reference")] = None,
           gpus: Annotated[int, typer.Option(min=1, help="workers on one study, one per GPU (CPU-only: processes)")] = 1) -> None:
@@ -206,6 +224,7 @@ def sweep(recipe: RecipeArg,
     if baseline and not final:
         raise PeftlabError("--baseline compares the final run; fix: add --final")
     loaded = load_recipe(recipe, set_)
+    runs_dir = placed(loaded.output_dir, runs_dir, None, one_run=False).runs_dir
     if gpus > 1:  # the workers run the trials; then this process writes the results and runs --final once
         argv = without_options(sys.argv[1:], ("--gpus", "--trials", "--study", "--storage", "--baseline"))
         flags = ("--final", "--no-final", "--resume", "--no-resume")
@@ -224,15 +243,17 @@ def sweep(recipe: RecipeArg,
 @app.command()
 def matrix(recipe: RecipeArg, methods: Annotated[str, typer.Option(help="comma-separated: lora,qlora")] = "lora,qlora",
            set_: SetOpt = None, name: Annotated[str | None, typer.Option(help="run name prefix")] = None,
-           runs_dir: RunsDirOpt = DEFAULT_RUNS, overwrite: bool = False) -> None:
+           runs_dir: RunsRootOpt = None, overwrite: bool = False) -> None:
     """Run one recipe under several methods with identical settings, then compare them."""
     from peftlab.config import load_recipe
     from peftlab.matrix import parse_methods, run_matrix
+    from peftlab.report.html import show_report
     from peftlab.runs import check_name, sanitize_name
 
     check_name(name, "--name")
     quiet_libraries()
     loaded = load_recipe(recipe, set_)
+    runs_dir = placed(loaded.output_dir, runs_dir, None, one_run=False).runs_dir
     prefix = name or loaded.name
     runs = run_matrix(loaded, parse_methods(methods), runs_dir, prefix, overwrite=overwrite)
     show_comparison(runs)
@@ -285,39 +306,16 @@ def show_comparison(runs, baseline=None, fmt: str = "table") -> None:
     print_comparison(compare_runs(runs, baseline), fmt)
 
 
-@contextmanager
-def writing_output(path: Path, option: str) -> Iterator[None]:
-    """An output the user named (-o, PATH): missing parent folders are made, as `mkdir -p` would, by every verb
-    alike; a path that cannot be written (a file where a folder should be, no permission, a full disk) is one line."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield
-    except OSError as exc:
-        where = Path(exc.filename or path.parent)
-        if not where.absolute().is_relative_to(path.parent.absolute()):  # not a write of this output
-            raise
-        why = ("a file is in the way of a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
-               else exc.strerror or exc.__class__.__name__)
-        raise PeftlabError(f"{option} {path}".strip() + f": cannot write {where} ({why}); "
-                           "fix: choose a path in a folder you can write to") from None
-
-
-def show_report(runs, out: Path, baseline=None) -> None:
-    from peftlab.report.html import plots_dir, write_report
-
-    with writing_output(out, "-o"):
-        path = write_report(runs, out, baseline)
-    say(f"report: {path} (plots as PNG in {plots_dir(path)})")
-
-
 @app.command()
 def report(runs: RunsArg, baseline: BaselineOpt = None,
            output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
            runs_dir: RunsDirOpt = DEFAULT_RUNS) -> None:
     """One self-contained HTML page: comparison, training curves, samples, recipes, environments."""
     from peftlab.report.compare import open_source
+    from peftlab.report.html import show_report
 
-    show_report([open_source(r, runs_dir) for r in runs], output, baseline_source(baseline, runs_dir) if baseline else None)
+    show_report([open_source(r, runs_dir) for r in runs], output, baseline_source(baseline, runs_dir) if baseline else None,
+                option="-o")
 
 
 @app.command("runs")
@@ -403,7 +401,7 @@ def export(run: Annotated[str, typer.Argument(help="run folder or name")],
     from peftlab.config import load_recipe
     from peftlab.export import describe, export_run
     from peftlab.export import push as push_folder
-    from peftlab.runs import open_run
+    from peftlab.runs import open_run, writing_output
 
     folder = open_run(run, runs_dir)
     out = out or folder.path.parent / f"{folder.name}-merged"

@@ -6,7 +6,6 @@ unknown key or wrong type is a one-line error naming the key (and the closest va
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -344,8 +343,17 @@ class TrackingConfig(Section):
         return list(dict.fromkeys([*self.report_to, *(["wandb"] if self.wandb else [])]))
 
 
+# Where a run goes, not what it trains: kept out of to_dict() (config.yaml, compare's recipe differences, the
+# trackers' hyperparameters, resume's check) and so out of config_hash, as the run's folder name (--name) is;
+# summary.json records it. (`seed` and `name` change what is trained or how it is labelled: they stay in.)
+WHERE_FIELDS = {"output_dir"}
+
+
 class Recipe(Section):
     name: str = "recipe"
+    output_dir: str | None = Field(
+        None, description="HF's TrainingArguments.output_dir: the run folder of `train` (runs dir + run name), the runs "
+                          "folder of `matrix` and `sweep`; --runs-dir/--name win (runs.output_folder)")
     task: str = Field("sft", description="a registered task (tasks/__init__.py): sft | classify | diffusion")
     seed: int = 42
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -407,7 +415,8 @@ class Recipe(Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """What the recipe trains, as JSON types: every field but WHERE_FIELDS."""
+        return self.model_dump(mode="json", exclude=WHERE_FIELDS)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -561,8 +570,9 @@ def _valid_keys(loc: list[str]) -> list[str]:
 
 
 def with_overrides(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
-    """A copy of `recipe` with dotted keys replaced, e.g. {"method.name": "qlora"}, re-validated."""
-    data = copy.deepcopy(recipe.to_dict())
+    """A copy of `recipe` with dotted keys replaced, e.g. {"method.name": "qlora"}, re-validated; it keeps the
+    recipe's output_dir (a matrix run or a sweep trial asked to be where its recipe did)."""
+    data = recipe.model_dump(mode="json")
     for dotted, value in changes.items():
         _apply_override(data, f"{dotted}={json.dumps(value)}")
     return validate_recipe(data, origin=recipe.name)

@@ -17,15 +17,20 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftlab.config import Recipe, load_recipe, with_overrides
 from peftlab.errors import GuardFailure
 from peftlab.matrix import METHODS
 from peftlab.runs import RunDir
 from peftlab.watch.console import print_table, say
+
+if TYPE_CHECKING:
+    from peftlab.engines import TrainJob
+    from peftlab.engines.hooks import Listener
 
 REAL = "demo-gemma3-270m-intents"
 TWIN = "demo-tiny-intents"
@@ -87,7 +92,7 @@ def run_demo(runs_dir: Path, recipe: Recipe | None = None) -> list[RunDir]:
 
 
 def _parts(runs_dir: Path, recipe: Recipe | None) -> list[RunDir]:
-    from peftlab.tasks.classify import untrained_accuracy
+    from peftlab.report.html import show_report
 
     timings = Timings()
     recipe = recipe or demo_recipe()
@@ -98,17 +103,15 @@ def _parts(runs_dir: Path, recipe: Recipe | None) -> list[RunDir]:
     for method in METHODS:
         variant = with_overrides(recipe, {"method.name": method})
         say(f"--- {method}: {recipe.model.source} on {len(recipe.data.classify.labels or [])} Banking77 intents")
-        with timings.part(f"{method}: accuracy before"):
-            before = untrained_accuracy(variant)
-        say(f"{method}: validation accuracy before fine-tuning {before:.3f}")
-        with timings.part(f"{method}: fine-tuning + evaluation"):
-            run = _run(variant, runs_dir, f"demo-{method}")
-        learned.append(Learned(method, before, run))
+        before = AccuracyBefore(method)
+        with timings.part(f"{method}: accuracy before, fine-tuning, evaluation"):
+            run = _run(variant, runs_dir, f"demo-{method}", listeners=[before])
+        learned.append(Learned(method, before.value, run))
     with timings.part("comparison"):
         _show_learning(learned)
     runs = [item.run for item in learned]
     with timings.part("HTML report"):
-        _write_report(runs, runs_dir / "demo-report.html")
+        show_report(runs, runs_dir / "demo-report.html")
     with timings.part("guard: the loss-0.0 failure"):
         _show_guard(runs_dir)
     timings.show()
@@ -142,10 +145,33 @@ def prepare_model(recipe: Recipe | None = None) -> Recipe:
     return recipe
 
 
-def _run(recipe: Recipe, runs_dir: Path, name: str) -> RunDir:
+def _run(recipe: Recipe, runs_dir: Path, name: str, listeners: Sequence[Listener] = ()) -> RunDir:
     from peftlab.runner import run_recipe
 
-    return run_recipe(recipe, runs_dir, name, overwrite=True)
+    return run_recipe(recipe, runs_dir, name, overwrite=True, listeners=listeners)
+
+
+class AccuracyBefore:
+    """A run's listener: the validation accuracy of its model as built, before the first step. Measured on the run's
+    own model, so each method's model is built once (a separate build loaded the model and tokenized the data again)."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.value = method, float("nan")
+
+    def job_ready(self, job: TrainJob) -> None:
+        from peftlab.tasks.classify import accuracy
+
+        self.value = accuracy(job)
+        say(f"{self.method}: validation accuracy before fine-tuning {self.value:.3f}")
+
+    def train_begun(self) -> None:
+        pass
+
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> bool:
+        return False
+
+    def train_ended(self) -> None:
+        pass
 
 
 def _show_learning(learned: list[Learned]) -> None:
@@ -156,13 +182,6 @@ def _show_learning(learned: list[Learned]) -> None:
     print_table(["method", "accuracy before", "accuracy after", "change"], rows,
                 title="held-out validation rows, before and after fine-tuning")
     print_comparison(compare([item.run for item in learned]), "table")
-
-
-def _write_report(runs: list[RunDir], path: Path) -> None:
-    from peftlab.report.html import plots_dir, write_report
-
-    written = write_report(runs, path, None)
-    say(f"report: {written} (plots as PNG in {plots_dir(written)})")
 
 
 def _show_guard(runs_dir: Path) -> None:

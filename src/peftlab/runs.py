@@ -89,6 +89,23 @@ IO_WORDING = {"No space left on device": errno.ENOSPC, "StorageFull": errno.ENOS
               "Read-only file system": errno.EROFS, "ReadOnlyFilesystem": errno.EROFS}
 
 
+@contextlib.contextmanager
+def writing_output(path: Path, option: str) -> Iterator[None]:
+    """An output the user named (-o, PATH): missing parent folders are made, as `mkdir -p` would, by every verb
+    alike; a path that cannot be written (a file where a folder should be, no permission, a full disk) is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        where = Path(exc.filename or path.parent)
+        if not where.absolute().is_relative_to(path.parent.absolute()):  # not a write of this output
+            raise
+        why = ("a file is in the way of a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
+               else exc.strerror or exc.__class__.__name__)
+        raise PeftlabError(f"{option} {path}".strip() + f": cannot write {where} ({why}); "
+                           "fix: choose a path in a folder you can write to") from None
+
+
 def io_cause(exc: BaseException, folder: Path) -> OSError | None:
     """The operating-system write failure behind `exc` (itself, its cause, or in a wrapping library's
     message), or None when `exc` is not one. torch.save hides the errno ("file write failed", "unexpected
@@ -166,9 +183,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _usable(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+
+
 def sanitize_name(name: str) -> str:
     """A run name that stays inside the runs folder: no separators, no '..', no absolute paths."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", redact(name)).strip(".-")
+    cleaned = _usable(redact(name))
     if not cleaned:
         raise PeftlabError(f"run name '{name}' has no usable characters; fix: use letters, digits, '.', '_' or '-'")
     return cleaned[:120]
@@ -182,6 +203,52 @@ def check_name(name: str | None, option: str) -> str | None:
         raise PeftlabError(f"{option} '{name}': a run name is one folder inside --runs-dir, not a path; fix: "
                            f"{option} {last}, and --runs-dir DIR for the folder it goes in")
     return name
+
+
+def output_folder(output_dir: str, one_run: bool) -> Path:
+    """A recipe's output_dir as a folder: for one run (`train`) the run folder, whose last part must be a usable
+    run name (it is not rewritten: the run lands exactly there); else a folder of runs. `~` is the home folder.
+    Errors (PeftlabError): `output_dir: ...; fix: ...` for a value naming no folder, an unusable run name, or a
+    file where the folder (or one above it) should be."""
+    folder = Path(output_dir.strip()).expanduser()
+    if not output_dir.strip() or (one_run and folder.name.strip(".") == ""):
+        raise PeftlabError(f"output_dir: '{output_dir}' names no {'run ' if one_run else ''}folder; fix: a folder path "
+                           "such as out/my-run, or remove output_dir (the run goes to <--runs-dir>/<--name>)")
+    if one_run and _usable(folder.name) != folder.name:
+        usable = _usable(folder.name) or "my-run"
+        raise PeftlabError(f"output_dir: '{output_dir}': its last part is the run's name and may hold only letters, "
+                           f"digits, '.', '_' and '-'; fix: output_dir: {folder.parent / usable}")
+    blocked = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise PeftlabError(f"output_dir: '{output_dir}': {blocked} is a file, not a folder; fix: point output_dir at a "
+                           "folder (new or a run's), or move that file")
+    return folder
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a verb puts its runs: `runs_dir`/`name` (name None = the default run name, or a matrix's prefix)."""
+
+    runs_dir: Path
+    name: str | None
+    note: str | None = None  # set when command-line flags beat the recipe's output_dir
+
+
+def place(output_dir: str | None, runs_dir: Path | None, name: str | None, default_runs: Path,
+          one_run: bool) -> Placement:
+    """The recipe's output_dir against the flags given (`runs_dir`/`name` None = not given). HF's Trainer writes one
+    run into output_dir and its hyperparameter_search each trial into output_dir/run-N: so `train` (`one_run`) runs
+    into output_dir itself, and `matrix`/`sweep` take it as their runs folder (a folder per run or trial under
+    it, as under --runs-dir). Flags win: --runs-dir (and --name for one run) replace output_dir whole."""
+    flags = [flag for flag, value in (("--runs-dir", runs_dir), ("--name", name if one_run else None)) if value is not None]
+    if output_dir is None or flags:
+        runs_dir = runs_dir or default_runs
+        where = runs_dir / name if one_run and name else runs_dir
+        note = (f"note: the recipe's output_dir '{output_dir}' is overridden by {' and '.join(flags)}: "
+                f"{'the run goes to' if one_run else 'the runs go in'} {where}") if output_dir else None
+        return Placement(runs_dir, name, note)
+    folder = output_folder(output_dir, one_run)
+    return Placement(folder.parent, folder.name) if one_run else Placement(folder, name)
 
 
 def environment() -> dict[str, Any]:
@@ -246,21 +313,28 @@ class RunDir:
         try:
             if any(p.name != runlock.LOCK_NAME for p in path.iterdir()):
                 if not overwrite:
-                    status = run.summary().get("status", "unknown")
-                    status = runlock.DEAD if status == "running" else status  # we hold its lock: nobody trains it
-                    resume = "" if status == "completed" else f"--resume {path.name} to continue it, "
-                    raise PeftlabError(
-                        f"run folder '{path}' already holds a run (status {status}); fix: {resume}"
-                        "--overwrite to replace it, or --name NEW"
-                    )
+                    raise run._taken()
                 _empty(path, keep=runlock.LOCK_NAME)
             atomic_write_text(run.config_path, config, redacted=True)
-            run.write_summary({"status": "running", "started_at": _now(), "config_hash": recipe.config_hash()})
+            # output_dir is where the run asked to be, not what it trains: here, not in config.yaml or config_hash
+            where = {"output_dir": recipe.output_dir} if recipe.output_dir else {}
+            run.write_summary({"status": "running", "started_at": _now(), "config_hash": recipe.config_hash(), **where})
         except BaseException:
             if fresh:  # a lock this process held before (another RunDir of it) stays held
                 run.release()
             raise
         return run
+
+    def _taken(self) -> PeftlabError:
+        """Why this non-empty folder does not become a new run without --overwrite, and what to do instead."""
+        if not self.config_path.exists():  # not a run: files of the user's own (an output_dir pointed at them)
+            return PeftlabError(f"run folder '{self.path}' holds files that are not a run; fix: another folder "
+                                "(--name NEW, or the recipe's output_dir), or --overwrite to delete them")
+        status = self.summary().get("status", "unknown")
+        status = runlock.DEAD if status == "running" else status  # we hold its lock: nobody trains it
+        resume = "" if status == "completed" else f"--resume {self.path.name} to continue it, "
+        return PeftlabError(f"run folder '{self.path}' already holds a run (status {status}); fix: {resume}"
+                            "--overwrite to replace it, or --name NEW")
 
     def release(self) -> None:
         """Give up the run's lock: from now on, a `running` summary means the run died."""

@@ -105,6 +105,9 @@ class PruningCallback:
         self.training = False
         self.pruned: tuple[int, float] | None = None  # (step, value) where the pruner stopped the trial
 
+    def job_ready(self, job: Any) -> None:
+        pass
+
     def train_begun(self) -> None:
         self.training = True
 

@@ -30,9 +30,12 @@ from peftlab.watch.progress import Progress
 def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: Path | None = None,
           listeners: Sequence[Listener] = ()) -> dict[str, Any]:
     """Train `recipe` into `run` (or continue from the checkpoint `resume_from`); returns the summary fields.
-    `listeners` follow the evaluations (a sweep's pruner)."""
+    `listeners` see the built job before any step (job_ready: the demo's accuracy before), then follow the
+    evaluations (a sweep's pruner)."""
     task = get_task(recipe.task)
     prepared = task.prepare(recipe, run)
+    for listener in listeners:
+        listener.job_ready(prepared.job)
     engine = resolve_engine(recipe.train.engine, prepared.job)
     carried = carried_state(resume_from)
     prepared.counter = prepared.counter_class(**carried.get("counter", {}))

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from peftlab.runs import RunDir
 from peftlab.tracking import Trackers
 from peftlab.watch.guard import HealthGuard
 from peftlab.watch.memory import current_memory
 from peftlab.watch.progress import Progress
+
+if TYPE_CHECKING:
+    from peftlab.engines import TrainJob
 
 
 class Counter(Protocol):
@@ -32,7 +35,10 @@ class Counter(Protocol):
 
 
 class Listener(Protocol):
-    """Something that follows the evaluations (a sweep's pruner): returns True to stop training."""
+    """Something that follows a run (a sweep's pruner, the demo's accuracy before training): `job_ready` sees the
+    built model before any step (peftlab/training.py calls it), `evaluated` returns True to stop training."""
+
+    def job_ready(self, job: TrainJob) -> None: ...
 
     def train_begun(self) -> None: ...
 

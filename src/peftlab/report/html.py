@@ -24,8 +24,9 @@ from peftlab import __version__
 from peftlab.report.compare import NA, Comparison, Source, compare, definitions, main_table, verdicts, vs_table
 from peftlab.report.plots import plot_runs
 from peftlab.runlock import DEAD, dead_reason, shown_status
-from peftlab.runs import RunDir, atomic_write_text, read_jsonl
+from peftlab.runs import RunDir, atomic_write_text, read_jsonl, writing_output
 from peftlab.tasks import get_task, task_names
+from peftlab.watch.console import say
 
 CONFUSION_MATRIX = "confusion_matrix.png"
 Labelled = tuple[str, RunDir]  # (the run's label in the comparison, its folder)
@@ -212,6 +213,15 @@ def run_details(label: str, run: Source) -> str:
 
 
 # ---------------------------------------------------------------- the page
+
+
+def show_report(runs: list[Source], out: Path, baseline: Source | None = None, option: str = "") -> Path:
+    """Write the report to `out` (missing folders made; a path that cannot be written is one line naming `option`
+    and `out`: runs.writing_output) and say where it and its plots are; returns the file written."""
+    with writing_output(out, option):
+        path = write_report(runs, out, baseline)
+    say(f"report: {path} (plots as PNG in {plots_dir(path)})")
+    return path
 
 
 def plots_dir(out: Path) -> Path:

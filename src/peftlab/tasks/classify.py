@@ -280,24 +280,36 @@ def predict(model: Any, tokenizer: Any, labels: list[str], texts: list[str], max
 
 
 @torch.no_grad()
-def untrained_accuracy(recipe: Recipe) -> float:
-    """Validation accuracy of the model a run of `recipe` starts from: the base, LoRA at its zero init and the new
-    head as `build` seeds it, so the same numbers a run's first step sees. The baseline for "before fine-tuning"."""
+def accuracy(job: TrainJob) -> float:
+    """Validation accuracy (fraction of eval rows whose argmax label is right) of the job's model as it stands: before
+    the first step (a Listener's job_ready), the base, LoRA at its zero init and the new head, so the numbers that
+    step sees: the baseline for "before fine-tuning". The model's train/eval mode and the RNG state are restored,
+    so the run trains as it would without the measurement."""
     from torch.utils.data import DataLoader
 
-    setup = build(recipe)
-    if setup.data.eval is None:
-        raise PeftlabError("data.eval_fraction is 0: there are no held-out rows to measure accuracy on; fix: set "
-                           "data.eval_fraction > 0")
     from peftlab.models.precision import DTYPES
 
-    setup.model.eval()
-    correct, precision = 0, setup.context.precision
-    batches = DataLoader(setup.data.eval, batch_size=recipe.train.batch_size, collate_fn=collator(recipe, setup.tokenizer))
-    # the Trainer's autocast: under mixed precision the trained (upcast) head meets half-precision hidden states
-    with torch.autocast(setup.model.device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+    if job.eval_dataset is None:
+        raise PeftlabError("data.eval_fraction is 0: there are no held-out rows to measure accuracy on; fix: set "
+                           "data.eval_fraction > 0")
+    model, training = job.model, job.model.training
+    model.eval()
+    # bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight for inference in an eval-mode forward
+    # (bnb nn/modules.py Linear4bit.forward); when that is its first forward, the training forward after it fails
+    # ("a view of a leaf Variable ... in-place": demo-tiny-intents QLoRA; the Trainer's evaluations come after a
+    # training step and are unaffected). It has no dropout: in train mode it computes what the first step computes.
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.train()
+    correct = 0
+    batches = DataLoader(job.eval_dataset, batch_size=job.train.batch_size, collate_fn=job.collator)
+    # the Trainer's autocast: under mixed precision the trained (upcast) head meets half-precision hidden states;
+    # fork_rng: the DataLoader draws a base seed from the global generator, which the run's first step would see
+    with torch.random.fork_rng(), torch.autocast(model.device.type, dtype=DTYPES[job.precision],
+                                                 enabled=job.precision != "fp32"):
         for batch in batches:
             labels = batch.pop("labels")
-            logits = setup.model(**batch.to(setup.model.device)).logits
+            logits = model(**batch.to(model.device)).logits
             correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
-    return correct / len(setup.data.eval)
+    model.train(training)
+    return correct / len(job.eval_dataset)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from peftlab.distributed import ranks
 from peftlab.engines.fast.graphs import MicroStepGraphs, eager_micro_step
 from peftlab.engines.fast.model import FastModel
 from peftlab.engines.fast.packing import PackedBatch
@@ -74,12 +75,6 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
             if g["params"]]
 
 
-def processes() -> int:
-    """Processes of the initialised torch.distributed group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum `tensors` over the processes in place, in ONE collective (the LoRA tensors are hundreds of small ones)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -108,7 +103,7 @@ class FastLoop:
         self.model, self.settings = model, settings
         named = model.trainable_parameters()
         self.params = [p for _, p in named]
-        self.world = processes()
+        self.world = ranks().world_size
         if self.world > 1:
             with torch.no_grad():
                 for p in self.params:

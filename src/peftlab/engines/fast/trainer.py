@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from peftlab.distributed import ranks
 from peftlab.engines.fast.attention import attention_dropout_note
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
 from peftlab.engines.fast.flops import mfu, model_flops
-from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks, processes
+from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
 from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
 from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
@@ -171,7 +172,8 @@ class FastTrainer:
         self.train, self.task, self.max_length, self.pad_token_id = train, task, max_length, pad_token_id
         self.loop: FastLoop | None = None
         self.cache: CompileCache | None = None
-        self.rank, self.world = (torch.distributed.get_rank(), processes()) if processes() > 1 else (0, 1)
+        proc = ranks()
+        self.rank, self.world = proc.rank, proc.world_size
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
         """The whole optimizer steps' rows (every process's share: batch_size x grad_accum rows per process)."""
