@@ -10,7 +10,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,15 @@ from peftlab.engines.fast.flops import mfu, model_flops
 from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks, processes
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
 from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
-from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
+from peftlab.engines.fast.planner import (
+    PLAN_RECORD,
+    Plan,
+    RecordedTrials,
+    plan,
+    read_record,
+    trial_peak_gib,
+    write_record,
+)
 
 PLAN_SAMPLE_STEPS = 64
 GIB = 1024**3
@@ -166,14 +175,19 @@ class FastTrainer:
         rows = step_rows(dataset, self.train.batch_size * self.world, self.train.grad_accum, seed)
         return itertools.islice(rows, skip, None)
 
-    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
-        """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
+    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool, record: Path | None = None) -> Plan:
+        """The budget and checkpointing for this run (measure=True: trial steps on the device, none for the peaks
+        that `record`, a plan record of this compile-cache key, holds: planner.py says when they count)."""
         steps = itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS)
         sample = [rows[self.rank::self.world] for rows in steps]  # what this process packs
-        return plan(sample, self.task, self.train.batch_size, self.max_length,
-                    trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
-                    getattr(self.train, "memory_limit_gib", None),
-                    torch.cuda.get_device_properties(0).total_memory / GIB if measure else None)
+        limit = getattr(self.train, "memory_limit_gib", None)
+        if not measure:
+            return plan(sample, self.task, self.train.batch_size, self.max_length, None, limit)
+        device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+        trials = RecordedTrials(read_record(record, limit, device_gib) if record else {},
+                                trial_peak_gib(self.model, self.task, self.max_length))
+        chosen = plan(sample, self.task, self.train.batch_size, self.max_length, trials, limit, device_gib)
+        return replace(chosen, reused=trials.measured == 0)
 
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
@@ -192,7 +206,8 @@ class FastTrainer:
         cuda = torch.cuda.is_available()
         began = time.perf_counter()
         hit = self.compile(dataset, seed) if cuda else False
-        chosen = self.plan(dataset, seed, measure=cuda)  # on CUDA its trial step is the run's first compile
+        # On CUDA its trial step is the run's first compile; a warm cache's plan record spares the trial.
+        chosen = self.plan(dataset, seed, measure=cuda, record=self.cache.folder / PLAN_RECORD if hit else None)
         plan_s = time.perf_counter() - began
         self.model.set_checkpointing(chosen.gradient_checkpointing)
         t = self.train
@@ -215,8 +230,9 @@ class FastTrainer:
             self.model.restore_attention()
             uncompile_layers(self.model)  # evaluation and generation follow, in shapes of their own
         train_s = time.perf_counter() - began
-        if cuda:
-            self.cache.save()
+        if cuda and self.cache.save():  # the save replaces the key's folder whole: the plan record goes in after
+            write_record(self.cache.folder / PLAN_RECORD, chosen, getattr(t, "memory_limit_gib", None),
+                         torch.cuda.get_device_properties(0).total_memory / GIB)
 
         def flops(tokens: int, sum_sq: int) -> float:
             return model_flops(self.model.config, tokens, sum_sq, chosen.gradient_checkpointing, self.task == "sft")
