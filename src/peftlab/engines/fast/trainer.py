@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from peftlab.engines.fast.attention import attention_dropout_note
-from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
+from peftlab.engines.fast.compile import (
+    CompileCache,
+    cache_key,
+    compile_layers,
+    compile_loss_core,
+    peft_cache_key,
+    uncompile_layers,
+)
 from peftlab.engines.fast.flops import mfu, model_flops
 from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks, processes
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
@@ -145,6 +152,25 @@ class _StepClock:
         return stop
 
 
+def _step_rows(dataset: Sequence[Mapping[str, Any]], seed: int, train: Any, world: int) -> Iterator[list]:
+    return step_rows(dataset, train.batch_size * world, train.grad_accum, seed)
+
+
+def _plan_sample(dataset: Sequence[Mapping[str, Any]], seed: int, train: Any, rank: int, world: int) -> list[list]:
+    """The planner's sample: the first optimizer steps' rows that process `rank` of `world` packs."""
+    steps = itertools.islice(_step_rows(dataset, seed, train, world), PLAN_SAMPLE_STEPS)
+    return [rows[rank::world] for rows in steps]
+
+
+def compile_cache_key(peft_model: Any, task: Task, train: Any, precision: str, max_length: int,
+                      dataset: Sequence[Mapping[str, Any]], seed: int) -> str:
+    """The compile-cache key a one-process `FastTrainer.fit` of this job loads, without building the trainer
+    (auto asks whether the cache is warm before choosing the engine)."""
+    preferred = plan(_plan_sample(dataset, seed, train, 0, 1), task, train.batch_size, max_length, None,
+                     getattr(train, "memory_limit_gib", None))
+    return peft_cache_key(peft_model, task, precision, preferred.budget, False, preferred.sizes)
+
+
 class FastTrainer:
     """The fast engine for one run.
 
@@ -172,14 +198,12 @@ class FastTrainer:
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
         """The whole optimizer steps' rows (every process's share: batch_size x grad_accum rows per process)."""
-        rows = step_rows(dataset, self.train.batch_size * self.world, self.train.grad_accum, seed)
-        return itertools.islice(rows, skip, None)
+        return itertools.islice(_step_rows(dataset, seed, self.train, self.world), skip, None)
 
     def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool, record: Path | None = None) -> Plan:
         """The budget and checkpointing for this run (measure=True: trial steps on the device, none for the peaks
         that `record`, a plan record of this compile-cache key, holds: planner.py says when they count)."""
-        steps = itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS)
-        sample = [rows[self.rank::self.world] for rows in steps]  # what this process packs
+        sample = _plan_sample(dataset, seed, self.train, self.rank, self.world)
         limit = getattr(self.train, "memory_limit_gib", None)
         if not measure:
             return plan(sample, self.task, self.train.batch_size, self.max_length, None, limit)
