@@ -101,13 +101,13 @@ def _auto_weighs(job: TrainJob) -> str | None:
         key = compile_cache_key(job.model, task, t, job.precision, job.max_length or 0, job.train_dataset, job.seed)
         steps = total_steps(len(job.train_dataset), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
         why = weigh_compile(CompileCache(key).path.is_file(),
-                            run_tokens(job.train_dataset, steps, t.batch_size * t.grad_accum), parameters(job.model))
+                            run_tokens(job.train_dataset, steps, t.batch_size * t.grad_accum), _parameters(job.model))
     if why:
         say(f"auto: hf, {why}")
     return why
 
 
-def parameters(model: Any) -> int:
+def _parameters(model: Any) -> int:
     """All parameters, 4-bit ones counted unpacked (peft's count; a plain module: its numel)."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()[1]

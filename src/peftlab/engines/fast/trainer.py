@@ -60,10 +60,11 @@ def unsupported(model_type: str, task: str, precision: str, method: str) -> str 
 class FastReport:
     """Summary fields of a fast-engine session (units in the names).
 
-    Compilation is timed apart from training: compile_s is the planner's trial step (the run's first compile) plus
-    the wall time of every optimizer step that ran a micro-batch shape for the first time (compile or recompile,
-    or a warm compile cache's loading); tokens/s and MFU are over the other, steady-state steps (steady_s, the
-    time of hook work such as evaluations and checkpoints excluded)."""
+    Compilation is timed apart from training: compile_s is the planner's time (its trial step is the run's first
+    compile; no trial when the plan record is reused) plus the wall time of every optimizer step that ran a
+    micro-batch shape for the first time (compile or recompile, or a warm compile cache's loading); tokens/s and MFU
+    are over the other, steady-state steps (steady_s, the time of hook work such as evaluations and checkpoints
+    excluded)."""
 
     plan: Plan
     steps: int
