@@ -195,3 +195,52 @@ def test_regional_compile_traces_a_4bit_base_whole(tiny_recipe, monkeypatch):
     counters.clear()
     assert_compiled_matches_eager(fast, batch)
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
+
+
+def test_a_recorded_plan_is_reused_without_trials_under_the_same_cap(tmp_path):
+    """Issue 11's warm start: a second run of the same compile-cache key takes the trial peaks from plan.json."""
+    from peftlab.engines.fast.planner import RecordedTrials, read_record, write_record
+
+    steps = steps_of([[700] * 8] * 2)
+    trials = []
+
+    def measure(budget, checkpointing):
+        trials.append((budget, checkpointing))
+        return 2.0 * budget / 1024
+
+    record = tmp_path / "plan.json"
+    first = plan(steps, "sft", 1, 768, RecordedTrials(read_record(record, 5.0, 80.0), measure), 5.0, 80.0)
+    assert trials == [(8192, False), (4096, False), (2048, False)] and not first.reused
+    write_record(record, first, 5.0, 80.0)
+
+    again = RecordedTrials(read_record(record, 5.0, 80.0), measure)
+    second = plan(steps, "sft", 1, 768, again, 5.0, 80.0)
+    assert again.measured == 0 and len(trials) == 3  # no trial step ran
+    assert (second.budget, second.gradient_checkpointing, second.peak_gib) == (first.budget, False, 4.0)
+
+    other_cap = RecordedTrials(read_record(record, 10.0, 80.0), measure)  # another memory_limit_gib: measured again
+    assert plan(steps, "sft", 1, 768, other_cap, 10.0, 80.0).budget == 4096 and other_cap.measured == 2
+    assert read_record(record, 5.0, 40.0) == {}  # another device size
+    record.write_text("{torn")
+    assert read_record(record, 5.0, 80.0) == {} and read_record(tmp_path / "none.json", 5.0, 80.0) == {}
+
+
+def test_the_trainer_plans_from_the_record_and_says_so(tiny_recipe, tmp_path, monkeypatch):
+    """FastTrainer.plan on a (faked) device: the record's peaks replace the trial, and the plan text says so."""
+    from peftlab.engines.fast import trainer as fast_trainer
+    from peftlab.tasks import sft
+
+    recipe = tiny_recipe({"data.max_samples": 40, "data.eval_fraction": 0.0, "data.max_length": 64})
+    setup = sft.build(recipe)
+    fast = fast_trainer.FastTrainer(setup.model, "sft", recipe.train, "fp32", recipe.data.max_length)
+    trials = []
+    monkeypatch.setattr(fast_trainer, "trial_peak_gib", lambda *a: lambda b, c: trials.append((b, c)) or 1.0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * 1024**3}))
+    record = tmp_path / "plan.json"
+    first = fast.plan(setup.data.train, recipe.seed, measure=True, record=record)
+    assert len(trials) == 1 and not first.reused and "reused" not in first.describe()
+    fast_trainer.write_record(record, first, None, 80.0)
+    second = fast.plan(setup.data.train, recipe.seed, measure=True, record=record)
+    assert len(trials) == 1 and second.reused and second.budget == first.budget
+    assert "reused from the compile cache's plan record (no trial step)" in second.describe()
+    assert second.as_dict()["reused"] is True

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from peftlab.config import DataConfig
+from peftlab.data.fingerprint import code_digest, map_fingerprint, tokenizer_digest
 from peftlab.data.sources import load_table, map_columns
 from peftlab.errors import GuardFailure, PeftlabError
 from peftlab.watch.progress import phase
@@ -132,9 +133,14 @@ def check_template_fits(cfg: DataConfig, tokenizer: Any) -> None:
 def build_instruction_data(cfg: DataConfig, tokenizer: Any, seed: int) -> InstructionData:
     check_template_fits(cfg, tokenizer)
     table = load_records(cfg, seed)
+    # datasets' own cache, keyed by what encode() reads (the table's file and order, the tokenizer, the template,
+    # max_length, the code): a second run of the recipe loads the rows (data/fingerprint.py says why it is explicit).
+    fingerprint = map_fingerprint(table, tokenizer_digest(tokenizer), cfg.template, cfg.context_block,
+                                  cfg.max_length, code_digest(encode, prompt_ids, render_prompt, adds_bos))
     with phase("tokenizing", total=len(table)) as progress:
         encoded = table.map(lambda row: (progress.advance(), encode(row, tokenizer, cfg))[1],
-                            remove_columns=table.column_names)
+                            remove_columns=table.column_names, new_fingerprint=fingerprint)
+        progress.advance(len(table))  # a cache hit never calls encode(): the rows are ready all the same
     empty = sum(encoded["empty_response"])
     if empty == len(encoded):
         column = cfg.columns.get("response", "response")

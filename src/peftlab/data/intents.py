@@ -12,7 +12,6 @@ rows with data.eval_fraction 0.1 give the original 9,002 / 1,001, every intent o
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import DataConfig
+from peftlab.data.fingerprint import map_fingerprint
 from peftlab.data.sources import file_format, load_table, map_columns
 from peftlab.errors import PeftlabError
 from peftlab.watch.progress import phase
@@ -231,9 +231,8 @@ def encode(table: Any, tokenizer: Any, label2id: dict[str, int], max_length: int
 
     # datasets fingerprints a map by pickling the function, tokenizer included: 15 s of CPU for Gemma 3's 262k
     # vocabulary, each time. The table's own fingerprint and what `tokenize` depends on identify the result as well.
-    key = [table._fingerprint, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), sorted(label2id.items()),
-           max_length]
-    fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    fingerprint = map_fingerprint(table, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
+                                  sorted(label2id.items()), max_length)
     with phase(f"tokenizing {part}", total=len(table)) as progress:
         encoded = table.map(tokenize, batched=True, remove_columns=table.column_names, new_fingerprint=fingerprint)
         progress.advance(len(table))  # a cache hit never calls `tokenize`: the rows are ready all the same

@@ -72,15 +72,22 @@ def compile_loss_core(model: FastModel, backend: str = "inductor") -> None:
 def cache_key(model: FastModel, budget: int, gradient_checkpointing: bool, sizes: tuple[int, ...] = ()) -> str:
     """A short hash of everything a compiled graph depends on (architecture, quantization, shapes: the budget and
     the smaller row sizes, dtypes, versions, device)."""
+    return peft_cache_key(model.peft_model, model.task, model.precision, budget, gradient_checkpointing, sizes)
+
+
+def peft_cache_key(peft_model: Any, task: str, precision: str, budget: int, gradient_checkpointing: bool,
+                   sizes: tuple[int, ...] = ()) -> str:
+    """`cache_key` of the FastModel that `peft_model` would become (auto asks it before any FastModel exists)."""
     import peft
     import transformers
 
-    lora = model.peft_model.peft_config[model.peft_model.active_adapter]
+    lora = peft_model.peft_config[peft_model.active_adapter]
     return graph_key({
-        "config": model.config.to_dict(), "budget": [budget, *sizes], "precision": model.precision, "task": model.task,
-        "checkpointing": gradient_checkpointing, "lora": {"r": lora.r, "targets": sorted(lora.target_modules)},
+        "config": peft_model.get_base_model().config.to_dict(), "budget": [budget, *sizes], "precision": precision,
+        "task": task, "checkpointing": gradient_checkpointing,
+        "lora": {"r": lora.r, "targets": sorted(lora.target_modules)},
         "transformers": transformers.__version__, "peft": peft.__version__,
-    }, model.device)
+    }, next(peft_model.parameters()).device)
 
 
 def graph_key(parts: dict[str, Any], device: torch.device) -> str:

@@ -18,15 +18,17 @@ import torch
 
 from peftlab.distributed import ranks
 from peftlab.engines import EngineResult, Prediction, TrainJob
-from peftlab.engines.fast.compile import eager
+from peftlab.engines.fast.choice import run_tokens, weigh_compile
+from peftlab.engines.fast.compile import CompileCache, eager
 from peftlab.engines.fast.loop import StepHooks
 from peftlab.engines.fast.packing import PackedBatch, steps_per_epoch, total_steps
-from peftlab.engines.fast.trainer import FastTrainer, unsupported
+from peftlab.engines.fast.trainer import FastTrainer, compile_cache_key, unsupported
 from peftlab.engines.hooks import TrainingHooks
 from peftlab.reliability import TrainingInterrupted
 from peftlab.reliability.checkpoints import STATE_FILE, CarryState, prune
 from peftlab.reliability.interrupt import StopRequest, on_stop_signals
 from peftlab.runs import atomic_write_json
+from peftlab.watch.console import say
 from peftlab.watch.epochs import EpochCallback
 
 TASKS = {"causal_lm": "sft", "sequence_classification": "classify"}
@@ -54,6 +56,8 @@ class FastEngine:
             why = f"train.optimizer {job.train.optimizer} (the fast engine runs fused AdamW)"
         if why is None and job.loss_kind == "causal_lm" and job.max_length is None:
             why = "no data.max_length (the token budget must hold the longest row)"
+        if why is None and job.train.engine == "auto":
+            why = _auto_weighs(job)
         return why
 
     def train(self, job: TrainJob, hooks: TrainingHooks, resume_from: Path | None) -> EngineResult:
@@ -82,6 +86,32 @@ class FastEngine:
             evaluate=lambda dataset, prefix: _followed(evaluator(), dataset, prefix, "evaluate"),
             predict=lambda dataset, prefix: _prediction(_followed(evaluator(), dataset, prefix, "predict")),
             fields={**report.as_summary(), **(adapter.epochs.peak_memory() if adapter.epochs else {})})
+
+
+def _auto_weighs(job: TrainJob) -> str | None:
+    """auto on CUDA: hf for a run shorter than the fast engine's cold compile (choice.py), said in one line. A run
+    that already has checkpoints keeps the engine that wrote them (their states differ)."""
+    checkpoints = list(job.checkpoints.glob("checkpoint-*")) if job.checkpoints.is_dir() else []
+    if checkpoints:
+        if any((c / ENGINE_STATE).is_file() for c in checkpoints):
+            return None
+        why = "the run's checkpoints are the hf engine's"
+    else:
+        t, task = job.train, TASKS[job.loss_kind]
+        key = compile_cache_key(job.model, task, t, job.precision, job.max_length or 0, job.train_dataset, job.seed)
+        steps = total_steps(len(job.train_dataset), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
+        why = weigh_compile(CompileCache(key).path.is_file(),
+                            run_tokens(job.train_dataset, steps, t.batch_size * t.grad_accum), _parameters(job.model))
+    if why:
+        say(f"auto: hf, {why}")
+    return why
+
+
+def _parameters(model: Any) -> int:
+    """All parameters, 4-bit ones counted unpacked (peft's count; a plain module: its numel)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()[1]
+    return sum(p.numel() for p in model.parameters())
 
 
 class _Hooks(StepHooks):

@@ -11,13 +11,20 @@ Rule: candidates in order of cost (padded tokens per step, each row counted ROW_
 fixed cost; a budget's rows that fit half of it are cut to that second static shape), without activation checkpointing first (it costs a third more compute); the first whose trial fits
 the cap (train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU
 there is no memory to measure: the cheapest budget, and the plan says so.
+
+Reuse: the trial peaks are recorded (`plan.json`) beside the compile artifacts of the run's compile-cache key,
+which covers the model, shapes, precision, versions and device. A later run with that key (its compile cache
+hit) takes the peaks from the record instead of running trial steps, under the same memory_limit_gib and device
+size; any other cap, a missing or unreadable record, or a budget the record lacks is measured again.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,12 +32,14 @@ import torch
 from peftlab.engines.fast.attention import BLOCK_SIZE
 from peftlab.engines.fast.model import FastModel
 from peftlab.engines.fast.packing import Task, pack_step
+from peftlab.runs import atomic_write_json
 
 GIB = 1024**3
 # A row's fixed cost (launches, optimizer-independent work) in token-equivalents: an assumption, not a
 # measurement; it only tips the choice between budgets with similar padding toward fewer, larger rows.
 ROW_OVERHEAD_TOKENS = 1024
 DEVICE_FRACTION = 0.9
+PLAN_RECORD = "plan.json"  # beside the compile artifacts of the same key (compile.py)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Plan:
     padding_fraction: float
     measured_memory: bool
     candidates: tuple[Candidate, ...]
+    reused: bool = False  # the peaks came from the compile cache's plan record: no trial step ran
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +75,7 @@ class Plan:
         else:
             memory = f"trial peak {self.peak_gib:.1f} GiB" + (f" under the {self.limit_gib:.1f} GiB cap"
                                                               if self.limit_gib else "")
+            memory += ", reused from the compile cache's plan record (no trial step)" if self.reused else ""
         smaller = f" (rows that fit: {', '.join(map(str, self.sizes))})" if self.sizes else ""
         return (f"fast engine plan: {self.budget} tokens per micro-batch{smaller}, {self.rows_per_step:.2f} rows per optimizer "
                 f"step, {100 * self.padding_fraction:.1f}% padding, activation checkpointing "
@@ -159,3 +170,37 @@ def trial_peak_gib(model: FastModel, task: Task, max_length: int) -> Callable[[i
             model.set_checkpointing(False)
 
     return measure
+
+
+class RecordedTrials:
+    """`trial_peak_gib` for `plan` that answers from earlier trials' peaks and measures only what they lack.
+
+    peaks: {(budget, checkpointing): GiB} (from `read_record`); measure: the device trial (`trial_peak_gib`)."""
+
+    def __init__(self, peaks: Mapping[tuple[int, bool], float], measure: Callable[[int, bool], float]) -> None:
+        self.peaks, self.measure, self.measured = dict(peaks), measure, 0
+
+    def __call__(self, budget: int, checkpointing: bool) -> float:
+        if (budget, checkpointing) not in self.peaks:
+            self.peaks[budget, checkpointing] = self.measure(budget, checkpointing)
+            self.measured += 1
+        return self.peaks[budget, checkpointing]
+
+
+def read_record(path: Path, memory_limit_gib: float | None, device_gib: float | None) -> dict[tuple[int, bool], float]:
+    """The trial peaks recorded at `path` by a run under the same memory_limit_gib and device size; {} when there is
+    no usable record (none, unreadable, another cap or device: measure again)."""
+    try:
+        record = json.loads(path.read_text())
+        if record["memory_limit_gib"] != memory_limit_gib or record["device_gib"] != device_gib:
+            return {}
+        return {(int(budget), bool(checkpointing)): float(peak) for budget, checkpointing, peak in record["peaks"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_record(path: Path, chosen: Plan, memory_limit_gib: float | None, device_gib: float | None) -> None:
+    """Record the measured peaks of `chosen`'s candidates at `path` (atomically) for the next run of the same key."""
+    peaks = [[c.budget, c.checkpointing, c.peak_gib] for c in chosen.candidates if c.peak_gib is not None]
+    atomic_write_json(path, {"memory_limit_gib": memory_limit_gib, "device_gib": device_gib, "peaks": peaks,
+                             "budget": chosen.budget, "gradient_checkpointing": chosen.gradient_checkpointing})

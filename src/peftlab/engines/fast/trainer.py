@@ -10,19 +10,35 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftlab.distributed import ranks
 from peftlab.engines.fast.attention import attention_dropout_note
-from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
+from peftlab.engines.fast.compile import (
+    CompileCache,
+    cache_key,
+    compile_layers,
+    compile_loss_core,
+    peft_cache_key,
+    uncompile_layers,
+)
 from peftlab.engines.fast.flops import mfu, model_flops
 from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
 from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
-from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
+from peftlab.engines.fast.planner import (
+    PLAN_RECORD,
+    Plan,
+    RecordedTrials,
+    plan,
+    read_record,
+    trial_peak_gib,
+    write_record,
+)
 
 PLAN_SAMPLE_STEPS = 64
 GIB = 1024**3
@@ -45,10 +61,11 @@ def unsupported(model_type: str, task: str, precision: str, method: str) -> str 
 class FastReport:
     """Summary fields of a fast-engine session (units in the names).
 
-    Compilation is timed apart from training: compile_s is the planner's trial step (the run's first compile) plus
-    the wall time of every optimizer step that ran a micro-batch shape for the first time (compile or recompile,
-    or a warm compile cache's loading); tokens/s and MFU are over the other, steady-state steps (steady_s, the
-    time of hook work such as evaluations and checkpoints excluded)."""
+    Compilation is timed apart from training: compile_s is the planner's time (its trial step is the run's first
+    compile; no trial when the plan record is reused) plus the wall time of every optimizer step that ran a
+    micro-batch shape for the first time (compile or recompile, or a warm compile cache's loading); tokens/s and MFU
+    are over the other, steady-state steps (steady_s, the time of hook work such as evaluations and checkpoints
+    excluded)."""
 
     plan: Plan
     steps: int
@@ -149,6 +166,25 @@ class _StepClock:
         return stop
 
 
+def _step_rows(dataset: Sequence[Mapping[str, Any]], seed: int, train: Any, world: int) -> Iterator[list]:
+    return step_rows(dataset, train.batch_size * world, train.grad_accum, seed)
+
+
+def _plan_sample(dataset: Sequence[Mapping[str, Any]], seed: int, train: Any, rank: int, world: int) -> list[list]:
+    """The planner's sample: the first optimizer steps' rows that process `rank` of `world` packs."""
+    steps = itertools.islice(_step_rows(dataset, seed, train, world), PLAN_SAMPLE_STEPS)
+    return [rows[rank::world] for rows in steps]
+
+
+def compile_cache_key(peft_model: Any, task: Task, train: Any, precision: str, max_length: int,
+                      dataset: Sequence[Mapping[str, Any]], seed: int) -> str:
+    """The compile-cache key a one-process `FastTrainer.fit` of this job loads, without building the trainer
+    (auto asks whether the cache is warm before choosing the engine)."""
+    preferred = plan(_plan_sample(dataset, seed, train, 0, 1), task, train.batch_size, max_length, None,
+                     getattr(train, "memory_limit_gib", None))
+    return peft_cache_key(peft_model, task, precision, preferred.budget, False, preferred.sizes)
+
+
 class FastTrainer:
     """The fast engine for one run.
 
@@ -177,17 +213,20 @@ class FastTrainer:
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
         """The whole optimizer steps' rows (every process's share: batch_size x grad_accum rows per process)."""
-        rows = step_rows(dataset, self.train.batch_size * self.world, self.train.grad_accum, seed)
-        return itertools.islice(rows, skip, None)
+        return itertools.islice(_step_rows(dataset, seed, self.train, self.world), skip, None)
 
-    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
-        """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
-        steps = itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS)
-        sample = [rows[self.rank::self.world] for rows in steps]  # what this process packs
-        return plan(sample, self.task, self.train.batch_size, self.max_length,
-                    trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
-                    getattr(self.train, "memory_limit_gib", None),
-                    torch.cuda.get_device_properties(0).total_memory / GIB if measure else None)
+    def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool, record: Path | None = None) -> Plan:
+        """The budget and checkpointing for this run (measure=True: trial steps on the device, none for the peaks
+        that `record`, a plan record of this compile-cache key, holds: planner.py says when they count)."""
+        sample = _plan_sample(dataset, seed, self.train, self.rank, self.world)
+        limit = getattr(self.train, "memory_limit_gib", None)
+        if not measure:
+            return plan(sample, self.task, self.train.batch_size, self.max_length, None, limit)
+        device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+        trials = RecordedTrials(read_record(record, limit, device_gib) if record else {},
+                                trial_peak_gib(self.model, self.task, self.max_length))
+        chosen = plan(sample, self.task, self.train.batch_size, self.max_length, trials, limit, device_gib)
+        return replace(chosen, reused=trials.measured == 0)
 
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
@@ -206,7 +245,8 @@ class FastTrainer:
         cuda = torch.cuda.is_available()
         began = time.perf_counter()
         hit = self.compile(dataset, seed) if cuda else False
-        chosen = self.plan(dataset, seed, measure=cuda)  # on CUDA its trial step is the run's first compile
+        # On CUDA its trial step is the run's first compile; a warm cache's plan record spares the trial.
+        chosen = self.plan(dataset, seed, measure=cuda, record=self.cache.folder / PLAN_RECORD if hit else None)
         plan_s = time.perf_counter() - began
         self.model.set_checkpointing(chosen.gradient_checkpointing)
         t = self.train
@@ -230,8 +270,9 @@ class FastTrainer:
             self.model.restore_attention()
             uncompile_layers(self.model)  # evaluation and generation follow, in shapes of their own
         train_s = time.perf_counter() - began
-        if cuda:
-            self.cache.save()
+        if cuda and self.cache.save():  # the save replaces the key's folder whole: the plan record goes in after
+            write_record(self.cache.folder / PLAN_RECORD, chosen, getattr(t, "memory_limit_gib", None),
+                         torch.cuda.get_device_properties(0).total_memory / GIB)
 
         def flops(tokens: int, sum_sq: int) -> float:
             return model_flops(self.model.config, tokens, sum_sq, chosen.gradient_checkpointing, self.task == "sft")
