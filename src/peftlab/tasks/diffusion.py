@@ -373,6 +373,10 @@ def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, A
     state, recipe = prepared.setup, prepared.recipe
     summary = {"latent_cache": cache_report(state, prepared.counter.total(), result.runtime_s)}
     plan = state.conditioning.plan
+    if plan is not None and plan.watch is not None:
+        summary["compile"] = plan.watch.report()
+        for warning in speed.CompileWatch.warnings(summary["compile"]):
+            say(f"warning: {warning}")
     if plan is not None and plan.cache is not None and run.writer:
         summary["compile_cache"] = plan.save_compile_cache()
     if state.cache is not None:
