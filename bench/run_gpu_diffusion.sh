@@ -28,15 +28,17 @@ if [ "$G" = A ]; then
   python3 bench/bench_diffusion.py --explain --out "$OUT/explain.json" | tail -1
 elif [ "$G" = F ]; then  # issue 15: the fast step beside the plain script, runs skipped once $BUDGET s are spent
   start=$SECONDS; left() { [ $((SECONDS - start)) -lt "${BUDGET:-270}" ] || { echo "=== skipped $1 (budget)"; false; }; }
-  # QLoRA first (the first call's limit fell during its compile, after LoRA's), then what it is compared with; dynamo
-  # logs its graph breaks and recompiles into log.txt (the run's summary counts graphs, breaks and CUDA-graph skips).
+  # QLoRA first (the first call's limit fell during its compile, after LoRA's), then the plain script's best stock
+  # tuning; dynamo logs graph breaks and recompiles into log.txt (the summary counts graphs, breaks, CUDA-graph skips).
+  # Runs after the first start only while fewer than $BUDGET s are spent; LoRA_LIMIT caps the LoRA run.
   FAST=(--warmup 10 --steps 40 --log-every 5)
-  TORCH_LOGS=graph_breaks,recompiles ours peftlab_qlora_fast qlora_fast "${FAST[@]}"
-  hf C1_seed_lora --time-cap 10
+  LOGS=graph_breaks,recompiles
+  TORCH_LOGS=$LOGS ours peftlab_qlora_fast qlora_fast "${FAST[@]}"
   hf C4_tuned_lora_bs4 --bs 4 --ga 1 --steps 30 --time-cap 8
-  left lora && TORCH_LOGS=graph_breaks,recompiles ours peftlab_lora_fast lora_fast "${FAST[@]}"
+  left lora && TORCH_LOGS=$LOGS OURS_LIMIT=${LORA_LIMIT:-${OURS_LIMIT:-150}} ours peftlab_lora_fast lora_fast "${FAST[@]}"
+  left C1 && hf C1_seed_lora --time-cap 10
   left qlora_eager && ours peftlab_qlora_fast_eager qlora_fast_eager "${FAST[@]}"
-  left qlora_warm && ours peftlab_qlora_fast_warm qlora_fast "${FAST[@]}"  # the compile cache the first run saved
+  left qlora_warm && ours peftlab_qlora_fast_warm qlora_fast "${FAST[@]}"  # on the compile cache the first run saved
 else
   ours peftlab_lora_cache lora_cache
   ours peftlab_qlora_cache qlora_cache
