@@ -12,9 +12,9 @@ G=${1:?group: A or B}
 source "$(dirname "$0")/gpu_env.sh"
 hf() { hf_run sd15_lora.py 110 "$@" --no-flops; }  # hf NAME ARGS...
 ours() {  # ours NAME VARIANT [--set KEY=VALUE ...]
-  local name=$1 variant=$2; shift 2
+  local name=$1 variant=$2 t0=$SECONDS; shift 2
   echo "=== $name"; timeout -k 10 "${OURS_LIMIT:-150}" python3 bench/bench_diffusion.py --variant "$variant" --out "$OUT/$name.json" "$@" > /tmp/log.txt 2>&1
-  echo "rc=$?"; log_run "$name"; grep RESULT /tmp/log.txt | tail -1; tail -3 /tmp/log.txt
+  echo "rc=$? wall=$((SECONDS - t0))s"; log_run "$name"; grep RESULT /tmp/log.txt | tail -1; tail -3 /tmp/log.txt
 }
 BS4=(--set train.batch_size=4 --set train.grad_accum=1 --warmup 8 --steps 30)
 if [ "$G" = A ]; then
