@@ -11,7 +11,12 @@
   convolutions), with CUDA graphs when the shapes are static (`mode="reduce-overhead"`: one graph replay instead of
   thousands of kernel launches, which is what bounds the plain loop: bench-hf BASELINE-H100.md); the compile cache is
   the fast engine's persistent one (engines/fast/compile.py: CompileCache), keyed here by the UNet's config;
-- fused AdamW: one kernel for all LoRA tensors instead of a loop over them.
+- fused AdamW: one kernel for all LoRA tensors instead of a loop over them;
+- the compile watch (`CompileWatch`): graphs, graph breaks and CUDA-graph skips counted over the run (summary.json
+  `compile`, a warning line for each kind found), the ways a compiled step gets slow without failing. A 4-bit UNet
+  is one graph: bitsandbytes' Linear4bit runs through its own torch.library ops and dequantizes again in backward
+  (no bf16 weight kept for it), once the biases its forward would cast in place are cast up front
+  (models/diffusion.py settle_4bit_biases).
 
 The compiled UNet is a separate callable (torch.compile wraps the module, the module is untouched): the adapter is
 saved from, and the sample grid drawn with, the eager module, so sampling's other shapes never recompile it.
