@@ -99,7 +99,7 @@ def bench(args: argparse.Namespace) -> dict:
         "metrics": {**measure(run.metrics(), args.warmup), **{k: summary.get(k) for k in peaks}},
         "summary": {k: summary.get(k) for k in ("runtime_s", "steps", "it_per_s", "samples_per_s", "final_train_loss",
                                                  "precision", "notes", "unet", "latent_cache", "trainable_params", "speed",
-                                                 "compile_cache", "attn_implementation")},
+                                                 "compile_cache", "compile", "attn_implementation")},
         "first_record_time_s": next(r["time"] for r in run.metrics() if r.get("kind") == "train"),
     }
 

@@ -26,6 +26,7 @@ ROWS = [
     ("peftlab_qlora_fast", "peftlab", "QLoRA fast (issue 15), the recipe's bs1 x GA4"),
     ("peftlab_qlora_fast_eager", "peftlab", "QLoRA fast without compile, bs1 x GA4"),
     ("peftlab_lora_fast_bs16", "peftlab", "LoRA fast, bs16 x GA1"),
+    ("peftlab_qlora_fast_warm", "peftlab", "QLoRA fast, warm compile cache, bs1 x GA4"),
 ]
 
 
@@ -43,6 +44,16 @@ def main() -> None:
               f"{fmt(m.get('peak_mem_allocated_gib', m.get('peak_alloc_gib')), '.2f')} | "
               f"{fmt(m.get('peak_mem_reserved_gib', m.get('peak_reserved_gib')), '.2f')} | "
               f"{fmt(micro, 'd') if micro is not None else 'n/a'} |")
+    compiled = [(what, json.loads((folder / f"{name}.json").read_text())) for name, _, what in ROWS
+                if (folder / f"{name}.json").exists()]
+    compiled = [(what, r) for what, r in compiled if (r.get("summary") or {}).get("compile")]
+    if compiled:
+        print("\n| peftlab run | s to the first record (compile included) | graphs | graph breaks | CUDA-graph skips |")
+        print("|---|---|---|---|---|")
+        for what, r in compiled:
+            c = r["summary"]["compile"]
+            print(f"| {what} | {fmt(r.get('first_record_time_s'), '.1f')} | {c['graphs']} | {c['graph_breaks']} | "
+                  f"{c['cudagraph_skips']} |")
     explain = folder / "explain.json"
     if explain.exists():
         e = json.loads(explain.read_text())

@@ -332,6 +332,24 @@ def cast_4bit_outputs(model: nn.Module) -> int:
     return len(layers)
 
 
+def settle_4bit_biases(model: nn.Module) -> int:
+    """Cast every Linear4bit bias to its layer's compute dtype now, as bitsandbytes' first forward would.
+
+    Linear4bit.forward casts a bias of another dtype in place (`bias.data = bias.data.to(...)`), which dynamo cannot
+    trace: under torch.compile each such layer is a graph break. k-bit prep 'peft' upcasts these biases to fp32, so
+    a compiled bf16 UNet then broke at every biased 4-bit layer (60 breaks, 97 graphs on the tiny twin). The values
+    are those the first forward would have set. Returns the number of biases cast."""
+    import bitsandbytes as bnb
+
+    cast = 0
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit) and layer.bias is not None and layer.compute_dtype is not None \
+                and layer.bias.dtype != layer.compute_dtype:
+            layer.bias.data = layer.bias.data.to(layer.compute_dtype)
+            cast += 1
+    return cast
+
+
 def dequantize_unet(unet: nn.Module) -> nn.Module:
     """The 4-bit UNet with plain nn.Linear layers holding its dequantised weights, and no quantization_config left in
     its config (diffusers' `dequantize()` keeps it, so the saved model would be quantized again on load). On a CPU we

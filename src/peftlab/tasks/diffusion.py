@@ -101,6 +101,9 @@ def prepare_4bit_unet(recipe: Recipe, unet: Any, precision: str) -> list[str]:
     # No checkpointing flag here: peft's version of it calls get_input_embeddings(), which a UNet lacks;
     # diffusers' own checkpointing is non-reentrant and needs no input grads.
     notes = adapt.prepare_kbit(unet, recipe.method.quant.kbit_prep, gradient_checkpointing=False)
+    if settled := sd.settle_4bit_biases(unet):
+        notes.append(f"{settled} Linear4bit biases cast to the 4-bit compute dtype now, as their first forward would "
+                     "(done there, it is a graph break per layer under torch.compile)")
     if recipe.diffusion.cast_4bit_outputs and precision != "fp32":
         hooked = sd.cast_4bit_outputs(unet)
         notes.append(f"{hooked} Linear4bit layers return the autocast dtype ({precision}), as nn.Linear does")
@@ -373,6 +376,10 @@ def finish(run: RunDir, prepared: Prepared, result: EngineResult) -> dict[str, A
     state, recipe = prepared.setup, prepared.recipe
     summary = {"latent_cache": cache_report(state, prepared.counter.total(), result.runtime_s)}
     plan = state.conditioning.plan
+    if plan is not None and plan.watch is not None:
+        summary["compile"] = plan.watch.report()
+        for warning in speed.CompileWatch.warnings(summary["compile"]):
+            say(f"warning: {warning}")
     if plan is not None and plan.cache is not None and run.writer:
         summary["compile_cache"] = plan.save_compile_cache()
     if state.cache is not None:

@@ -11,7 +11,12 @@
   convolutions), with CUDA graphs when the shapes are static (`mode="reduce-overhead"`: one graph replay instead of
   thousands of kernel launches, which is what bounds the plain loop: bench-hf BASELINE-H100.md); the compile cache is
   the fast engine's persistent one (engines/fast/compile.py: CompileCache), keyed here by the UNet's config;
-- fused AdamW: one kernel for all LoRA tensors instead of a loop over them.
+- fused AdamW: one kernel for all LoRA tensors instead of a loop over them;
+- the compile watch (`CompileWatch`): graphs, graph breaks and CUDA-graph skips counted over the run (summary.json
+  `compile`, a warning line for each kind found), the ways a compiled step gets slow without failing. A 4-bit UNet
+  is one graph: bitsandbytes' Linear4bit runs through its own torch.library ops and dequantizes again in backward
+  (no bf16 weight kept for it), once the biases its forward would cast in place are cast up front
+  (models/diffusion.py settle_4bit_biases).
 
 The compiled UNet is a separate callable (torch.compile wraps the module, the module is untouched): the adapter is
 saved from, and the sample grid drawn with, the eager module, so sampling's other shapes never recompile it.
@@ -47,6 +52,7 @@ class SpeedPlan:
     cuda_graphs: bool = False
     channels_last: bool = False
     cache: CompileCache | None = None
+    watch: CompileWatch | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -60,6 +66,43 @@ class SpeedPlan:
 
     def save_compile_cache(self) -> dict[str, Any] | None:
         return self.cache.save() if self.cache is not None else None
+
+
+class CompileWatch:
+    """What torch.compile did with the UNet while training: graphs captured, graph breaks (each break is one more
+    graph to compile and one more CUDA graph to replay, with eager Python between them) and CUDA-graph skips (the step
+    then runs without graphs). These are the ways a compiled step degrades without failing; dynamo's and inductor's
+    process-wide counters are read as differences over the run."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> dict[str, Any]:
+        from torch._dynamo.utils import counters
+
+        return {"graphs": counters["stats"]["unique_graphs"], "breaks": dict(counters["graph_break"]),
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+    def report(self) -> dict[str, Any]:
+        now = self._read()
+        breaks = {msg: n - self.start["breaks"].get(msg, 0) for msg, n in now["breaks"].items()}
+        breaks = {msg: n for msg, n in breaks.items() if n > 0}
+        return {"graphs": now["graphs"] - self.start["graphs"], "graph_breaks": sum(breaks.values()),
+                "break_reasons": [msg.splitlines()[0][:200] for msg in sorted(breaks, key=breaks.get, reverse=True)[:3]],
+                "cudagraph_skips": now["cudagraph_skips"] - self.start["cudagraph_skips"]}
+
+    @staticmethod
+    def warnings(report: dict[str, Any]) -> list[str]:
+        """One line per degradation found, with where to look."""
+        out = []
+        if report["graph_breaks"]:
+            out.append(f"the compiled UNet has {report['graph_breaks']} graph breaks ({report['graphs']} graphs; first: "
+                       f"{report['break_reasons'][0]}); TORCH_LOGS=graph_breaks shows where")
+        if report["cudagraph_skips"]:
+            out.append(f"CUDA graphs were skipped {report['cudagraph_skips']} time(s): that step ran without them; "
+                       "TORCH_LOGS=cudagraphs says why")
+        return out
 
 
 def set_attention(unet: Any, attn_implementation: str) -> str:
@@ -159,6 +202,7 @@ def apply(recipe: Recipe, unet: Any, device: torch.device, precision: str, micro
         mode = "reduce-overhead" if plan.cuda_graphs else None
         plan.cache = CompileCache(compile_key(unet, recipe, micro_batch, precision, mode, device))
         warm = plan.cache.load()
+        plan.watch = CompileWatch()
         # Static shapes: every micro-batch has the same size except an epoch's last partial one (one more graph).
         plan.compiled = torch.compile(unet, dynamic=False, mode=mode, backend=BACKEND)
         plan.notes.append(f"UNet compiled ({BACKEND}{', CUDA graphs' if plan.cuda_graphs else ''}); compile cache "
