@@ -269,3 +269,20 @@ def test_unknown_names_and_paths_as_names_are_one_line_with_a_fix(cli, tmp_path,
 def test_every_refusal_of_a_name_or_flag_carries_a_fix(cli, tmp_path, args, expected):
     code, lines = cli(*args, "--runs-dir", str(tmp_path))
     assert code == 2 and lines[-1].startswith(expected), lines[-3:]
+
+
+def test_a_dict_valued_field_is_data_not_a_section_of_aliases():
+    """sweep.space's keys are the user's search parameters: an alias name there is not moved to its field."""
+    space = {"output_dir": {"type": "categorical", "choices": ["a", "b"]}}
+    with pytest.raises(PeftlabError) as err:
+        validate_recipe({"model": {"source": "preset:tiny-gemma2"}, "sweep": {"space": space}})
+    assert "sweep.space: 'output_dir' is not a recipe field to search" in str(err.value)
+    lr = {"type": "float", "low": 1e-4, "high": 1e-3}
+    recipe = validate_recipe({"model": {"source": "preset:tiny-gemma2"},  # HF hyperparameter_search's name
+                              "sweep": {"space": {"learning_rate": lr, "train.epochs": {"type": "int", "low": 1,
+                                                                                         "high": 2}}}})
+    assert list(recipe.sweep.space) == ["train.lr", "train.epochs"] and recipe.sweep.space["train.lr"].high == 1e-3
+    with pytest.raises(PeftlabError) as err:
+        validate_recipe({"model": {"source": "preset:tiny-gemma2"},
+                         "sweep": {"space": {"learning_rate": lr, "train.lr": lr}}})
+    assert "sweep.space: 'learning_rate' and 'train.lr' are the same field" in str(err.value)

@@ -122,15 +122,18 @@ def convert(key: str, value: Any, origin: str) -> Any:
 
 
 def normalize(data: dict[str, Any], is_field: Callable[[list[str], str], bool], origin: str,
-              path: list[str] | None = None, root: dict[str, Any] | None = None) -> dict[str, Any]:
+              path: list[str] | None = None, root: dict[str, Any] | None = None,
+              is_section: Callable[[list[str]], bool] = lambda path: True) -> dict[str, Any]:
     """Move every alias in `data` (at the top or inside a section) to its field, in place; returns `data`.
-    An alias and its field both set to different values is an error naming both."""
+    An alias and its field both set to different values is an error naming both. is_section(path): whether the
+    dict at `path` is a section of fields; a field whose VALUE is a dict (sweep.space: parameter names of the
+    user's own) is data, never searched for aliases."""
     path, root = path or [], root if root is not None else data
     for key in list(data):
         target = resolve(path, key, is_field)
         if target is None:
-            if isinstance(data[key], dict) and is_field(path, key):
-                normalize(data[key], is_field, origin, [*path, key], root)
+            if isinstance(data[key], dict) and is_field(path, key) and is_section([*path, key]):
+                normalize(data[key], is_field, origin, [*path, key], root, is_section)
             continue
         value = convert(key, data.pop(key), origin)
         node = root

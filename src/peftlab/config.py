@@ -407,10 +407,21 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _sweep_keys(self) -> Recipe:
+        # A search space may name parameters as HF's hyperparameter_search does (learning_rate): each such alias
+        # becomes its dotted field, in place so the space keeps its order. Aliases that convert a value
+        # (bf16: true -> precision) cannot stand for a range and stay errors.
+        renamed, named = {}, {}
+        for key, param in self.sweep.space.items():
+            target = aliases.ALIASES.get(key) if key not in _valid_keys([]) else None
+            dotted = target[0] if target and target[1] is None else key
+            if dotted in renamed:
+                raise ValueError(f"sweep.space: '{named[dotted]}' and '{key}' are the same field; fix: keep one of them")
+            renamed[dotted], named[dotted] = param, key
+        self.sweep.space = renamed
         for key in self.sweep.space:
             parts = key.split(".")
             valid = [".".join(parts[:-1] + [k]) for k in _valid_keys(parts[:-1])]
-            if key not in valid or parts[0] in ("sweep", "name", "task"):
+            if key not in valid or parts[0] in ("sweep", "name", "task", *WHERE_FIELDS):
                 raise ValueError(f"sweep.space: '{key}' is not a recipe field to search; {did_you_mean(key, valid or _valid_keys([]))}")
         return self
 
@@ -446,7 +457,7 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     path = _find_recipe(ref)
     data = _read_yaml(path)
     if isinstance(data, dict):  # aliases first, so that a --set of our name replaces the YAML's alias
-        aliases.normalize(data, _is_field, str(path))
+        aliases.normalize(data, _is_field, str(path), is_section=_is_section)
     set_by = {tuple(_apply_override(data, item)): item for item in overrides or []}
     return validate_recipe(data, origin=str(path), set_by=set_by)
 
@@ -456,7 +467,7 @@ def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, .
     in `set_by` (dotted key parts -> the flag's text) whose key the first problem is at or under."""
     if not isinstance(data, dict):
         raise PeftlabError(f"{origin}: a recipe must be a YAML mapping, found {type(data).__name__}; fix: start from `peftlab recipes`")
-    aliases.normalize(data, _is_field, origin)
+    aliases.normalize(data, _is_field, origin, is_section=_is_section)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -556,6 +567,10 @@ def _describe(exc: ValidationError) -> str:
 
 def _is_field(loc: list[str], key: str) -> bool:
     return key in _valid_keys(loc)
+
+
+def _is_section(loc: list[str]) -> bool:
+    return bool(_valid_keys(loc))
 
 
 def _valid_keys(loc: list[str]) -> list[str]:
