@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from peftlab.distributed import ranks
 from peftlab.engines.fast.model import FastModel
 from peftlab.engines.fast.packing import PackedBatch
 
@@ -73,12 +74,6 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
             if g["params"]]
 
 
-def processes() -> int:
-    """Processes of the initialised torch.distributed group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum `tensors` over the processes in place, in ONE collective (the LoRA tensors are hundreds of small ones)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -96,7 +91,13 @@ class FastLoop:
     runs its share of every step (packing.packed_steps, weighted for the whole step), and the gradients and the
     step loss are summed over the processes in one all-reduce before clipping: every process then takes the
     same optimizer step. (DDP's module wrapper is not used: the loop calls the backbone itself, and one
-    all-reduce per optimizer step is what gradient accumulation needs.)"""
+    all-reduce per optimizer step is what gradient accumulation needs.)
+
+    Stopping together: a process that wants to stop (a signal, a hook) cannot just leave, or the others would wait
+    in the next all-reduce forever. Its vote rides in the same flat all-reduce as the gradients, and every process
+    reads the summed votes one step late, when that step's all-reduce has long finished: no extra collective and
+    no wait on the step in flight. All processes read the same sum at the same step, so they stop together, at
+    most two optimizer steps after the request."""
 
     def __init__(self, model: FastModel, settings: LoopSettings) -> None:
         from transformers import get_scheduler
@@ -104,7 +105,7 @@ class FastLoop:
         self.model, self.settings = model, settings
         named = model.trainable_parameters()
         self.params = [p for _, p in named]
-        self.world = processes()
+        self.world = ranks().world_size
         if self.world > 1:
             with torch.no_grad():
                 for p in self.params:
@@ -121,8 +122,11 @@ class FastLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def step(self, micro_batches: Sequence[PackedBatch], hooks: StepHooks) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the packed micro-batches of one recipe step -> (loss, grad norm), on device."""
+    def step(self, micro_batches: Sequence[PackedBatch], hooks: StepHooks,
+             stop_vote: bool = False) -> tuple[torch.Tensor, torch.Tensor, _Votes | None]:
+        """One optimizer step over the packed micro-batches of one recipe step -> (loss, grad norm) on the device,
+        and, under several processes, the processes' summed stop votes (`stop_vote`: this process's) on their way to
+        the host."""
         device = self.model.device
         loss = torch.zeros((), device=device)
         for batch in micro_batches:
@@ -130,16 +134,19 @@ class FastLoop:
             micro = self.model.loss(batch.to(device, non_blocking=True))
             micro.backward()
             loss += micro.detach()
+        votes = None
         if self.world > 1:  # a process with no row in this step still takes part (zero gradients)
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            all_reduce_sum([*(p.grad for p in self.params), loss.view(1)])
+            vote = torch.full((1,), float(stop_vote), device=device)  # a fill kernel: no copy from the host
+            all_reduce_sum([*(p.grad for p in self.params), loss.view(1), vote])
+            votes = _Votes(vote)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+        return loss, grad_norm, votes
 
     def run(self, steps: Iterable[Sequence[PackedBatch]], hooks: StepHooks, start_step: int = 0) -> LoopResult:
         """Run optimizer steps start_step+1, ... over `steps` (each: the packed micro-batches of one recipe step)
@@ -148,10 +155,11 @@ class FastLoop:
         device = self.model.device
         since_log, total = torch.zeros((), device=device), torch.zeros((), device=device)
         step, done, last_log = start_step, 0, start_step
+        requested, pending = False, None  # this process asked to stop; the last step's votes, not read yet
         for micro_batches in steps:
             if step >= self.settings.total_steps:
                 break
-            loss, grad_norm = self.step(micro_batches, hooks)
+            loss, grad_norm, votes = self.step(micro_batches, hooks, requested)
             step, done = step + 1, done + 1
             since_log += loss
             total += loss
@@ -160,6 +168,27 @@ class FastLoop:
                               "learning_rate": self.scheduler.get_last_lr()[0]})
                 since_log.zero_()
                 last_log = step
-            if hooks.on_step_end(step):
+            requested |= hooks.on_step_end(step)
+            if (votes is None and requested) or (pending is not None and pending.any()):
                 return LoopResult(step, True, total.item() / done)
+            pending = votes
         return LoopResult(step, False, total.item() / done if done else None)
+
+
+class _Votes:
+    """A step's summed stop votes, copied to the host without blocking; `any()` waits for that copy only."""
+
+    def __init__(self, votes: torch.Tensor) -> None:
+        self.event = None
+        if votes.device.type == "cuda":
+            self.host = torch.empty(votes.shape, dtype=votes.dtype, pin_memory=True)
+            self.host.copy_(votes, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = votes
+
+    def any(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item() > 0)

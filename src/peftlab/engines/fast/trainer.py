@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from peftlab.distributed import gather, ranks, sum_over_ranks
 from peftlab.engines.fast.attention import attention_dropout_note
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
 from peftlab.engines.fast.flops import mfu, model_flops
-from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks, processes
+from peftlab.engines.fast.loop import FastLoop, LoopSettings, StepHooks
 from peftlab.engines.fast.model import SUPPORTED_FAMILIES, FastModel
 from peftlab.engines.fast.packing import PackedBatch, Task, packed_steps, step_rows, total_steps
 from peftlab.engines.fast.planner import Plan, plan, trial_peak_gib
@@ -47,7 +48,9 @@ class FastReport:
     Compilation is timed apart from training: compile_s is the planner's trial step (the run's first compile) plus
     the wall time of every optimizer step that ran a micro-batch shape for the first time (compile or recompile,
     or a warm compile cache's loading); tokens/s and MFU are over the other, steady-state steps (steady_s, the
-    time of hook work such as evaluations and checkpoints excluded)."""
+    time of hook work such as evaluations and checkpoints excluded). Under several processes the token and FLOP
+    counts are every process's, steady_s the slowest process's, and MFU is per GPU: FLOPs / (steady_s x processes x
+    peak)."""
 
     plan: Plan
     steps: int
@@ -62,6 +65,7 @@ class FastReport:
     steady_tokens: int
     steady_flops: float  # over the steady-state steps, which took steady_s seconds
     steady_s: float
+    processes: int = 1
     notes: list[str] = field(default_factory=list)
 
     def as_summary(self) -> dict[str, Any]:
@@ -69,9 +73,9 @@ class FastReport:
         return {"engine": "fast", "plan": self.plan.as_dict(), "plan_text": self.plan.describe(),
                 "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
                 "first_step_s": None if self.first_step_s is None else round(self.first_step_s, 2),
-                "compile_cache_hit": self.compile_cache_hit, "steady_s": round(self.steady_s, 3),
+                "compile_cache_hit": self.compile_cache_hit, "steady_s": round(self.steady_s, 3), "steady_tokens": self.steady_tokens,
                 "steady_tokens_per_s": round(self.steady_tokens / self.steady_s, 2) if steady else None,
-                "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if steady and torch.cuda.is_available()
+                "mfu": round(mfu(self.steady_flops, self.steady_s, self.processes), 4) if steady and torch.cuda.is_available()
                 else None,
                 "engine_notes": self.notes}
 
@@ -159,7 +163,7 @@ class FastTrainer:
         self.train, self.task, self.max_length, self.pad_token_id = train, task, max_length, pad_token_id
         self.loop: FastLoop | None = None
         self.cache: CompileCache | None = None
-        self.rank, self.world = (torch.distributed.get_rank(), processes()) if processes() > 1 else (0, 1)
+        self.rank, self.world = ranks().rank, ranks().world_size
 
     def _steps(self, dataset: Sequence[Mapping[str, Any]], seed: int, skip: int) -> Iterator[list]:
         """The whole optimizer steps' rows (every process's share: batch_size x grad_accum rows per process)."""
@@ -202,9 +206,9 @@ class FastTrainer:
         start = 0
         if resume:
             self.loop.load_state_dict(resume["loop"])
-            torch.set_rng_state(resume["rng"])
-            if resume.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            torch.set_rng_state(resume["rng"][self.rank])
+            if resume["cuda_rng"][self.rank] is not None:
+                torch.cuda.set_rng_state_all(resume["cuda_rng"][self.rank])
             start = resume["step"]
         clock = _StepClock(hooks, compiled=cuda)
         steps = packed_steps(self._steps(dataset, seed, start), chosen.budget, self.task, t.batch_size,
@@ -223,14 +227,20 @@ class FastTrainer:
 
         notes = [n for n in (attention_dropout_note(self.model.config),) if n]
         first_step_s = None if clock.first_step_s is None else clock.first_step_s + (clock.started - began)
+        # Every process's work (a collective, once per session): tokens/s and MFU count all GPUs.
+        tokens, sum_sq, steady_tokens, steady_sq = sum_over_ranks([clock.tokens, clock.sum_sq, clock.steady_tokens,
+                                                                    clock.steady_sq])
         return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s,
-                          plan_s + clock.compile_s if cuda else None, first_step_s, hit, clock.tokens,
-                          flops(clock.tokens, clock.sum_sq), clock.steady_tokens,
-                          flops(clock.steady_tokens, clock.steady_sq), clock.steady_s, notes)
+                          plan_s + clock.compile_s if cuda else None, first_step_s, hit, tokens,
+                          flops(tokens, sum_sq), steady_tokens, flops(steady_tokens, steady_sq),
+                          max(gather(clock.steady_s)), self.world, notes)
 
     def state_dict(self, step: int) -> dict[str, Any]:
-        """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft)."""
+        """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft):
+        the loop's state (the same on every process) and every process's RNG states, in rank order (each draws its
+        own dropout masks); a collective under several processes."""
         if self.loop is None:
             raise RuntimeError("state_dict() is for checkpoints taken during fit()")
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return {"loop": self.loop.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "step": step}
+        return {"loop": self.loop.state_dict(), "rng": gather(torch.get_rng_state()), "cuda_rng": gather(cuda_rng),
+                "step": step}
