@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -34,9 +35,16 @@ def sets(changes: dict) -> list[str]:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=TIMEOUT,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-    return done
+    """`python ARGS`; on a timeout its whole process group is killed (torchrun's ranks too), then the test fails."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def two_ranks(event: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
