@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from peftlab.distributed import gather, ranks, sum_over_ranks
+from peftlab.distributed import broadcast, gather, ranks, sum_over_ranks
 from peftlab.engines.fast.attention import attention_dropout_note
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers, compile_loss_core, uncompile_layers
 from peftlab.engines.fast.flops import mfu, model_flops
@@ -171,13 +171,15 @@ class FastTrainer:
         return itertools.islice(rows, skip, None)
 
     def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool) -> Plan:
-        """The budget and checkpointing for this run (measure=True: trial steps on the device)."""
+        """The budget and checkpointing for this run (measure=True: trial steps on the device). Under several
+        processes, rank 0's plan for all: the same row shapes everywhere (balanced steps, one compile-cache key);
+        its budget holds any row (at least data.max_length), so it fits every process's share."""
         steps = itertools.islice(self._steps(dataset, seed, 0), PLAN_SAMPLE_STEPS)
         sample = [rows[self.rank::self.world] for rows in steps]  # what this process packs
-        return plan(sample, self.task, self.train.batch_size, self.max_length,
-                    trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
-                    getattr(self.train, "memory_limit_gib", None),
-                    torch.cuda.get_device_properties(0).total_memory / GIB if measure else None)
+        return broadcast(plan(sample, self.task, self.train.batch_size, self.max_length,
+                              trial_peak_gib(self.model, self.task, self.max_length) if measure else None,
+                              getattr(self.train, "memory_limit_gib", None),
+                              torch.cuda.get_device_properties(0).total_memory / GIB if measure else None))
 
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
@@ -219,7 +221,7 @@ class FastTrainer:
             self.model.restore_attention()
             uncompile_layers(self.model)  # evaluation and generation follow, in shapes of their own
         train_s = time.perf_counter() - began
-        if cuda:
+        if cuda and self.rank == 0:  # the same graphs on every process (rank 0's plan): one writer per cache folder
             self.cache.save()
 
         def flops(tokens: int, sum_sq: int) -> float:
