@@ -73,10 +73,11 @@ class FastReport:
         return {"engine": "fast", "plan": self.plan.as_dict(), "plan_text": self.plan.describe(),
                 "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
                 "first_step_s": None if self.first_step_s is None else round(self.first_step_s, 2),
-                "compile_cache_hit": self.compile_cache_hit, "steady_s": round(self.steady_s, 3), "steady_tokens": self.steady_tokens,
+                "compile_cache_hit": self.compile_cache_hit, "steady_s": round(self.steady_s, 3),
+                "steady_tokens": self.steady_tokens,
                 "steady_tokens_per_s": round(self.steady_tokens / self.steady_s, 2) if steady else None,
-                "mfu": round(mfu(self.steady_flops, self.steady_s, self.processes), 4) if steady and torch.cuda.is_available()
-                else None,
+                "mfu": round(mfu(self.steady_flops, self.steady_s, self.processes), 4)
+                if steady and torch.cuda.is_available() else None,
                 "engine_notes": self.notes}
 
 
