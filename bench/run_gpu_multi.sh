@@ -10,7 +10,7 @@
 # These runs name their engine: train.engine=hf (the Trainer's DDP/FSDP; `auto` would take the fast engine for DDP).
 # SETS=fast (a call of its own: each fast run compiles, about a minute cold): the fast engine's DDP, the recipe
 # unchanged (8 rows per GPU per step), 1 GPU then 2 GPUs, LoRA then QLoRA (FAST_STEPS steps, FAST_LIMIT s each;
-# the 2-GPU run reuses the 1-GPU run's compile cache); the table adds the summary's steady-state tokens/s and
+# the 2-GPU run reuses the 1-GPU run's compile cache when its plan is the same); the table adds the summary's steady-state tokens/s and
 # per-GPU MFU, and its scaling efficiency uses the steady-state rate (compiling steps excluded).
 # GPU: OUT=bench/results/multi-h200 bash bench/run_gpu_multi.sh   (wheels carried as for run_gpu_sft.sh)
 #      OUT=bench/results/multi-fast-h200 SETS=fast bash bench/run_gpu_multi.sh
