@@ -6,7 +6,9 @@ memory per rank.
 
 Run folders are named SETTINGS-METHOD-NG[-STRATEGY] (e.g. tuned-qlora-2g-fsdp); tokens/s comes from the
 run's metrics.jsonl (non-padding tokens summed over ranks, per optimizer step after the warmup steps), as
-bench_sft.py measures it.
+bench_sft.py measures it. Fast-engine runs (settings `fast`) also carry the summary's steady-state tokens/s (every
+rank's tokens over the steps that compiled nothing) and per-GPU MFU; their scaling efficiency uses the steady rate,
+as a step that compiles a second row shape may come after the warmup.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def result(folder: Path, warmup: int) -> dict | None:
     return {**match.groupdict(), "gpus": int(match["gpus"]), "strategy": match["strategy"] or "single",
             "run": folder.name, "status": summary.get("status"), "reason": summary.get("reason"),
             "world_size": summary.get("world_size", 1), "steps": summary.get("steps"), "metrics": metrics,
+            "engine": summary.get("engine"), "steady_tokens_per_s": summary.get("steady_tokens_per_s"),
+            "mfu": summary.get("mfu"), "compile_s": summary.get("compile_s"),
             "peak_gib_per_rank": peaks(summary), "environment": summary.get("environment")}
 
 
@@ -48,15 +52,18 @@ def fmt(value: float | None, spec: str) -> str:
 
 def table(results: list[dict]) -> list[str]:
     by = {(r["settings"], r["method"], r["gpus"], r["strategy"]): r for r in results}
-    rate = {k: r["metrics"].get("tokens_per_s") for k, r in by.items()}
-    lines = ["| settings | method | GPUs | strategy | status | tokens/s | scaling efficiency | peak GiB per rank |",
-             "|---|---|---|---|---|---|---|---|"]
+    rate = {k: r["steady_tokens_per_s"] or r["metrics"].get("tokens_per_s") for k, r in by.items()}
+    lines = ["| settings | method | GPUs | strategy | status | tokens/s | steady tokens/s | MFU per GPU | "
+             "scaling efficiency | peak GiB per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (settings, method, gpus, strategy), r in sorted(by.items()):
         one = rate.get((settings, method, 1, "single"))
         mine = rate[(settings, method, gpus, strategy)]
         eff = mine / (gpus * one) if gpus > 1 and mine and one else None
         mem = ", ".join(fmt(p, ".2f") for p in r["peak_gib_per_rank"])
-        lines.append(f"| {settings} | {method} | {gpus} | {strategy} | {r['status']} | {fmt(mine, '.0f')} | "
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        lines.append(f"| {settings} | {method} | {gpus} | {strategy} | {r['status']} | "
+                     f"{fmt(r['metrics'].get('tokens_per_s'), '.0f')} | {fmt(r['steady_tokens_per_s'], '.0f')} | "
+                     f"{fmt(mfu, '.1f')}{'%' if mfu is not None else ''} | "
                      f"{fmt(None if eff is None else 100 * eff, '.1f')}{'%' if eff is not None else ''} | {mem} |")
     return lines
 

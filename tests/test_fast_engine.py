@@ -92,12 +92,22 @@ def test_auto_keeps_the_hf_reference_on_the_cpu():
     assert resolve_engine("auto", job).name == "hf"
 
 
-def test_several_processes_keep_the_hf_engine(monkeypatch):
-    """Under torchrun (WORLD_SIZE > 1) the fast engine would train each rank alone (no gradient all-reduce): auto
-    takes hf, and an explicit train.engine=fast says why."""
+def test_under_torchrun_auto_takes_the_fast_engine_on_cuda_with_ddp_and_hf_for_sharding(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) the fast engine is data-parallel: auto picks it on CUDA as in one process;
+    --strategy fsdp/zero shard the model, which only the hf engine does (auto takes hf, engine=fast says why)."""
+    from types import SimpleNamespace
+
+    import torch
+
     from peftlab.engines.fast.engine import FastEngine
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    recipe = with_overrides(load_recipe("tiny-gemma2-dolly"), {"train.engine": "fast"})
-    job = TrainJob(None, None, [], None, "causal_lm", recipe.train, 0, "bf16", Path("checkpoints"), max_length=64)
-    assert "several processes" in FastEngine.supports(job)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    recipe = load_recipe("tiny-gemma2-dolly")
+    gemma2 = SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))
+    job = TrainJob(gemma2, None, [], None, "causal_lm", recipe.train, 0, "bf16", Path("checkpoints"), max_length=64)
+    monkeypatch.setenv("PEFTLAB_STRATEGY", "ddp")
+    assert resolve_engine("auto", job).name == "fast"
+    monkeypatch.setenv("PEFTLAB_STRATEGY", "fsdp")
+    assert "--strategy fsdp" in FastEngine.supports(job)
+    assert resolve_engine("auto", job).name == "hf"

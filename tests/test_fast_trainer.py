@@ -142,6 +142,24 @@ def test_step_clock_keeps_compiling_steps_and_hook_work_out_of_the_steady_state(
     assert eager.compile_s == 0.0 and eager.steady_s == 2.0 and eager.steady_tokens == 7
 
 
+def test_mfu_is_per_gpu_over_every_process_flops(monkeypatch):
+    """Under N processes the report holds every rank's FLOPs over the slowest rank's seconds; MFU divides by N GPUs'
+    peak, so two GPUs each at their peak read 100%, not 200%."""
+    from peftlab.engines.fast.flops import PEAK_FLOPS
+    from peftlab.engines.fast.planner import Plan
+    from peftlab.engines.fast.trainer import FastReport
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = Plan(2048, False, None, (), None, 8.0, 0.1, False, ())
+
+    def report(processes: int) -> FastReport:
+        return FastReport(plan, 10, False, 1.0, 3.0, None, None, False, 4096, 6 * PEAK_FLOPS, 4096, 2 * PEAK_FLOPS,
+                          2.0, processes)
+
+    assert report(1).as_summary()["mfu"] == 1.0 and report(2).as_summary()["mfu"] == 0.5
+    assert report(2).as_summary()["steady_tokens_per_s"] == 2048  # every process's tokens
+
+
 def test_two_processes_take_the_steps_of_one_process_with_their_batch(tiny_recipe, tmp_path):
     """Data parallel (torchrun, 2 gloo processes): batch 2 x accumulation 2 per process = the optimizer steps of one
     process at batch 4 x accumulation 2 (same rows, same normalisation over the step's trained tokens): the same

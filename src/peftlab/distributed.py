@@ -1,9 +1,10 @@
 """Several processes, one run: launching, who writes, and sums over ranks.
 
 `peftlab train RECIPE --gpus N` re-launches itself under torch's elastic launcher (torchrun); the HF
-Trainer then runs DDP through accelerate (gloo on CPUs, NCCL on GPUs). `accelerate launch -m peftlab
-train ...` works too: both set RANK/WORLD_SIZE. The strategy (ddp, fsdp, zero2, zero3) is a property of
-the launch, not the recipe: it travels to the ranks in PEFTLAB_STRATEGY and becomes Trainer arguments.
+Trainer then runs DDP through accelerate (gloo on CPUs, NCCL on GPUs), the fast engine its own data-parallel
+loop (engines/fast/loop.py). `accelerate launch -m peftlab train ...` works too: both set RANK/WORLD_SIZE.
+The strategy (ddp, fsdp, zero2, zero3) is a property of the launch, not the recipe: it travels to the ranks
+in PEFTLAB_STRATEGY and becomes Trainer arguments.
 Rank 0 owns the run folder; the other ranks train and stay silent.
 
 A single process trains on one GPU even when several are visible (`use_one_gpu`): a recipe's batch is per

@@ -17,9 +17,14 @@ class PeftlabError(Exception):
 
 
 class GuardFailure(PeftlabError):
-    """The health guard stopped a run: the message is the diagnosis."""
+    """The health guard stopped a run: the message is the diagnosis. `every_rank`: every process of the run raised
+    it at the same step (the guard's agreed decision), so they can wait for each other before exiting."""
 
     exit_code = 3
+
+    def __init__(self, message: str, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def closest(word: str, choices: Iterable[str]) -> str | None:

@@ -134,6 +134,7 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
 
     say(f"run folder: {run.path}")
     refused = False  # bad input found before the first step: the folder goes, or it would block the corrected rerun
+    together = False  # every rank stopped at the same step: they leave together, below
     try:
         # pid, host and start time tell a live run from a dead one where its lock cannot be probed.
         run.update_summary(**owner())
@@ -143,6 +144,7 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
             results = train(recipe, run, show_progress=show_progress, resume_from=resume_from, listeners=listeners)
         summary = run.update_summary(**results, **finish_fields("completed"))
     except GuardFailure as exc:
+        together = exc.every_rank
         saved = {"adapter": str(run.adapter_path)} if run.adapter_path.is_dir() else {}
         _record_end(run, **finish_fields("failed", "health guard"), diagnosis=str(exc), **saved)
         raise
@@ -152,6 +154,7 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
             _record_end(run, **finish_fields("failed", "bad input"), diagnosis=str(exc))
         raise
     except KeyboardInterrupt as exc:
+        together = isinstance(exc, TrainingInterrupted) and exc.every_rank
         saved = {"checkpoint": str(exc.checkpoint)} if isinstance(exc, TrainingInterrupted) else {}
         _record_end(run, **finish_fields("interrupted", str(exc) or "KeyboardInterrupt"), **saved,
                     resume=f"peftlab train --resume {run.path}")
@@ -174,6 +177,8 @@ def _execute(recipe: Recipe, run: RunDir, show_progress: bool, resume_from: Path
             if run.writer:
                 index_run(run)  # and how it ended, whatever happened
             run.release()  # only now: until the end is recorded, a free lock would read as a dead run
+        if together:  # torchrun ends every rank once one exits non-zero: the others wait for rank 0's records
+            barrier()
     say(f"done: {run.path} ({_losses(summary)}{_speed(summary)})")
     return run
 

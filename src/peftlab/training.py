@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import Recipe
+from peftlab.distributed import ranks
 from peftlab.engines import Engine, resolve_engine
 from peftlab.engines.hooks import Listener, TrainingHooks
 from peftlab.errors import GuardFailure
@@ -38,7 +39,7 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
         listener.job_ready(prepared.job)
     engine = resolve_engine(recipe.train.engine, prepared.job)
     carried = carried_state(resume_from)
-    prepared.counter = prepared.counter_class(**carried.get("counter", {}))
+    prepared.counter = prepared.counter_class(**_own_counters(carried))
     guard = guard_for(recipe.watch, prepared.context)
     tracker = start_trackers(recipe.tracking, run, redact_recipe(recipe.to_dict()))  # as config.yaml: no secrets
     for note in tracker.notes:
@@ -52,6 +53,13 @@ def train(recipe: Recipe, run: RunDir, show_progress: bool = True, resume_from: 
     finally:
         hooks.progress.cancel()  # a loop stopped by an error (the guard, Ctrl-C) leaves no live bar behind
         tracker.finish()
+
+
+def _own_counters(carried: dict[str, Any]) -> dict[str, Any]:
+    """This rank's counters at the checkpoint: its own where every rank's were saved (`counter_per_rank`), else
+    the one set there is (one process; the hf engine saves rank 0's)."""
+    per_rank = carried.get("counter_per_rank")
+    return per_rank[ranks().rank] if per_rank else carried.get("counter", {})
 
 
 def _train_and_finish(task: Task, run: RunDir, prepared: Prepared, engine: Engine, hooks: TrainingHooks,

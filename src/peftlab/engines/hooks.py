@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from peftlab.distributed import broadcast, gather
+from peftlab.errors import GuardFailure
 from peftlab.runs import RunDir
 from peftlab.tracking import Trackers
 from peftlab.watch.guard import HealthGuard
@@ -99,8 +101,21 @@ class TrainingHooks:
         if self.guard:  # the label tokens trained in this window tell a converged 0.0 from an all-masked one
             trained = getattr(totals, "trained_tokens", None)  # token tasks count them; images have none
             window = {} if trained is None else {"trained_tokens": trained - last.trained_tokens}
-            self.guard.check_log(step, {**record, **window})
+            self._check_health(step, {**record, **window})
         return record
+
+    def _check_health(self, step: int, logs: dict[str, Any]) -> None:
+        """The guard's decision, rank 0's on every rank (one broadcast per logging step). The ranks read the same
+        reduced loss and so decide alike; this makes it certain, for a rank that stopped alone would leave the
+        others waiting in their next collective forever."""
+        failure = None
+        try:
+            self.guard.check_log(step, logs)
+        except GuardFailure as exc:
+            failure = exc
+        message = broadcast(None if failure is None else str(failure))
+        if message is not None:
+            raise GuardFailure(message, every_rank=True)
 
     def log_eval(self, step: int, epoch: float | None, metrics: dict[str, Any]) -> dict[str, Any]:
         """An evaluation (eval_* metrics): recorded, then shown to the listeners, which may stop training."""
@@ -126,12 +141,15 @@ class TrainingHooks:
         """Training seconds of the whole run, earlier sessions included."""
         return self.seconds_before + time.perf_counter() - self.start
 
-    def carry(self) -> dict[str, Any]:
+    def carry(self, every_rank: bool = False) -> dict[str, Any]:
         """What a checkpoint must carry for a resumed run to go on as the uninterrupted one: counters, training
-        time, the open logging window (totals and step at the last record) and the guard's history."""
+        time, the open logging window (totals and step at the last record) and the guard's history.
+        `every_rank`: every rank calls it (a collective), and each rank's own counters travel too
+        (`counter_per_rank`: each rank counts the micro-batches it trained; the totals are their sum)."""
         logged = {"step": self.last_step, "totals": self.last.as_dict()} if self.last is not None else None
-        return {"counter": self.counter.as_dict(), "runtime_s": self.runtime(), "logged": logged,
-                **({"guard": self.guard.carry()} if self.guard else {})}
+        own = self.counter.as_dict()
+        return {"counter": own, **({"counter_per_rank": gather(own)} if every_rank else {}),
+                "runtime_s": self.runtime(), "logged": logged, **({"guard": self.guard.carry()} if self.guard else {})}
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.run.append_metrics(record)

@@ -35,9 +35,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after saving `checkpoint`. A KeyboardInterrupt, so that no
     `except Exception` on the way up swallows it and the CLI exits with INTERRUPTED_EXIT."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, every_rank: bool = False) -> None:
         super().__init__(f"{signal_name} at step {step}; checkpoint saved: {checkpoint}")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.every_rank = every_rank  # every process stopped at this step (they agreed on it, as the fast engine does)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,11 @@ it to the seam: the training hooks, checkpoint-N/ folders that reliability/check
 weights as safetensors, the engine state as a weights-only torch file, trainer_state.json last), resume,
 SIGINT/SIGTERM, and evaluation. Evaluation and prediction run through the hf engine's Trainer on the same model
 (small next to training; the same eval_loss and metrics definitions on both engines).
+
+Several processes (torchrun, `--gpus N`): FastLoop is data-parallel, and everything here is called by every rank at
+the same step: checkpoints gather each rank's RNG state and counters and rank 0 writes them (the weights and the
+optimizer state are replicated), evaluation is the Trainer's own sharded one (the hf engine's numbers), a signal on
+any rank stops all of them at one step (FastLoop's votes), and the guard decides on rank 0's reading (hooks.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import torch
 
-from peftlab.distributed import ranks
+from peftlab.distributed import gather, ranks, strategy
 from peftlab.engines import EngineResult, Prediction, TrainJob
 from peftlab.engines.fast.choice import run_tokens, weigh_compile
 from peftlab.engines.fast.compile import CompileCache, eager
@@ -42,9 +47,9 @@ class FastEngine:
     def supports(cls, job: TrainJob) -> str | None:
         if job.train.engine == "auto" and not torch.cuda.is_available():
             return "no CUDA device (auto keeps the hf reference on the CPU; --set train.engine=fast runs it there)"
-        if ranks().distributed:  # FastLoop is data-parallel; this adapter's checkpoints/evaluation are single-process
-            return ("several processes (the fast engine's checkpoints and evaluation run in one process; --gpus N "
-                    "runs the hf engine's DDP/FSDP)")
+        if ranks().distributed and strategy() != "ddp":
+            return (f"--strategy {strategy()} (the fast engine replicates the model on every GPU, as DDP; sharding "
+                    "runs on the hf engine)")
         base = job.model.get_base_model() if hasattr(job.model, "get_base_model") else job.model
         model_type = getattr(getattr(base, "config", None), "model_type", "unknown")
         method = ("qlora" if getattr(base, "is_loaded_in_4bit", False) else
@@ -65,11 +70,12 @@ class FastEngine:
         pad = job.tokenizer.pad_token_id if task == "classify" and job.tokenizer is not None else None
         fast = FastTrainer(job.model, task, job.train, job.precision, job.max_length or 0, pad)
         t = job.train
-        max_steps = total_steps(len(job.train_dataset), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
+        batch = t.batch_size * ranks().world_size  # rows per micro-batch, all processes: the recipe's is per process
+        max_steps = total_steps(len(job.train_dataset), batch, t.grad_accum, t.epochs, t.max_steps)
         resume = _load(job.model, resume_from)
         start = resume["step"] if resume else 0
         evaluator = _evaluator(job)
-        adapter = _Hooks(job, hooks, fast, steps_per_epoch(len(job.train_dataset), t.batch_size, t.grad_accum),
+        adapter = _Hooks(job, hooks, fast, steps_per_epoch(len(job.train_dataset), batch, t.grad_accum),
                          evaluator)
         hooks.train_begin(max_steps, start)
         try:
@@ -77,9 +83,11 @@ class FastEngine:
                 report = fast.fit(job.train_dataset, job.seed, adapter, resume)
         finally:
             hooks.train_end()
-        if adapter.request.signal_name:
-            checkpoint = adapter.save(report.steps)
-            raise TrainingInterrupted(adapter.request.signal_name, report.steps, checkpoint)
+        # A signal that reached any rank stopped every rank at this step (FastLoop's votes): all of them say so.
+        signal_name = next((name for name in gather(adapter.request.signal_name) if name), None)
+        if signal_name:
+            checkpoint = adapter.checkpoint_at(report.steps)
+            raise TrainingInterrupted(signal_name, report.steps, checkpoint, every_rank=True)
         return EngineResult(
             steps=report.steps, epochs=round(report.steps / adapter.per_epoch, 4), runtime_s=hooks.runtime(),
             final_train_loss=adapter.final_loss, mean_train_loss=report.mean_loss,
@@ -125,6 +133,7 @@ class _Hooks(StepHooks):
             self.epochs.on_epoch_begin(None, None, None)
         self.request = StopRequest()
         self.final_loss: float | None = None
+        self.saved: tuple[int, Path] | None = None  # the last checkpoint: (step, folder)
 
     def on_micro_batch(self, batch: PackedBatch) -> None:
         # The monitor's counter reads padded batches; a packed row's padding is one trailing segment, so its real
@@ -148,7 +157,7 @@ class _Hooks(StepHooks):
         if self.epochs and step % self.per_epoch == 0:  # the hf engine's kind=epoch records, same callback
             self.epochs.on_epoch_end(None, SimpleNamespace(epoch=step / self.per_epoch, global_step=step), None)
             self.epochs.on_epoch_begin(None, None, None)
-        if t.save_steps and step % t.save_steps == 0 and not self.request.signal_name:
+        if t.save_steps and step % t.save_steps == 0:
             self.save(step)
         return bool(self.request.signal_name) or self.hooks.should_stop()
 
@@ -167,17 +176,26 @@ class _Hooks(StepHooks):
             self.epochs.on_evaluate(None, None, None, metrics=metrics)
         self.hooks.log_eval(step, step / self.per_epoch, metrics)
 
+    def checkpoint_at(self, step: int) -> Path:
+        """The checkpoint of `step`: the one on_step_end took there (save_steps), else a new one."""
+        return self.saved[1] if self.saved and self.saved[0] == step else self.save(step)
+
     def save(self, step: int) -> Path:
-        """checkpoint-N/: trainable weights, the engine state (optimizer, schedule, RNG), trainer_state.json last."""
+        """checkpoint-N/: trainable weights, the engine state (optimizer, schedule, every rank's RNG),
+        trainer_state.json last. Every rank calls it (its RNG state and counters are gathered); rank 0 writes."""
         from safetensors.torch import save_file
 
         folder = self.job.checkpoints / f"checkpoint-{step}"
+        state, carried = self.fast.state_dict(step), self.hooks.carry(every_rank=True)
+        self.saved = (step, folder)
+        if not self.hooks.run.writer:
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         weights = {n: p.detach().contiguous().cpu() for n, p in self.fast.model.trainable_parameters()}
         save_file(weights, str(folder / "trainable.safetensors"))
-        torch.save(self.fast.state_dict(step), folder / ENGINE_STATE)
+        torch.save(state, folder / ENGINE_STATE)
         atomic_write_json(folder / STATE_FILE, {"global_step": step, "stateful_callbacks": {
-            CarryState.__name__: {"args": {}, "attributes": self.hooks.carry()}}})
+            CarryState.__name__: {"args": {}, "attributes": carried}}})
         prune(self.job.checkpoints, self.job.train.save_total_limit, None)
         return folder
 

@@ -5,7 +5,7 @@ Per token: (2 forward + 2 activation-gradient [+ 2 recompute with activation che
          + (2 + 2) x N_head                        (LM head: vocab x hidden, a real matmul even when tied)
 Per document of length L: (4 forward + 8 backward [+ 4 recompute]) x layers x heads x head_dim x L^2 (attention)
 N_layers = parameters of the decoder layers' linear maps. Frozen weights get no weight-gradient FLOPs; LoRA's
-own FLOPs (<1%) are not counted. MFU = FLOPs / seconds / peak; peak = 989 TFLOP/s (H100/H200 dense bf16).
+own FLOPs (<1%) are not counted. MFU = FLOPs / seconds / (GPUs x peak); peak = 989 TFLOP/s (H100/H200 dense bf16).
 """
 
 from __future__ import annotations
@@ -37,5 +37,6 @@ def model_flops(config: Any, tokens: int, sum_sq: int, checkpointing: bool, lm_h
     return float(dense + attention)
 
 
-def mfu(flops: float, seconds: float, peak: float = PEAK_FLOPS) -> float:
-    return flops / seconds / peak
+def mfu(flops: float, seconds: float, gpus: int = 1, peak: float = PEAK_FLOPS) -> float:
+    """Model FLOPs utilisation per GPU: `flops` done by `gpus` GPUs together in `seconds`, over their summed peak."""
+    return flops / seconds / (gpus * peak)

@@ -94,6 +94,12 @@ class FastLoop:
     same optimizer step. (DDP's module wrapper is not used: the loop calls the backbone itself, and one
     all-reduce per optimizer step is what gradient accumulation needs.)
 
+    Stopping together: a process that wants to stop (a signal, a hook) cannot just leave, or the others would wait
+    in the next all-reduce forever. Its vote rides in the same flat all-reduce as the gradients, and every process
+    reads the summed votes one step late, when that step's all-reduce has long finished: no extra collective and
+    no wait on the step in flight. All processes read the same sum at the same step, so they stop together, at
+    most two optimizer steps after the request.
+
     cuda_graphs: replay each micro-batch's forward and backward as a CUDA graph per row shape (graphs.py);
     `graph_failure` then says why if a capture failed and the loop fell back to eager micro-steps."""
 
@@ -131,22 +137,29 @@ class FastLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def step(self, micro_batches: Sequence[PackedBatch], hooks: StepHooks) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the packed micro-batches of one recipe step -> (loss, grad norm), on device."""
-        loss = torch.zeros((), device=self.model.device)
+    def step(self, micro_batches: Sequence[PackedBatch], hooks: StepHooks,
+             stop_vote: bool = False) -> tuple[torch.Tensor, torch.Tensor, _Votes | None]:
+        """One optimizer step over the packed micro-batches of one recipe step -> (loss, grad norm) on the device,
+        and, under several processes, the processes' summed stop votes (`stop_vote`: this process's) on their way to
+        the host."""
+        device = self.model.device
+        loss = torch.zeros((), device=device)
         for batch in micro_batches:
             hooks.on_micro_batch(batch)
             loss += self.micro_step(batch)
+        votes = None
         if self.world > 1:  # a process with no row in this step still takes part (zero gradients)
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            all_reduce_sum([*(p.grad for p in self.params), loss.view(1)])
+            vote = torch.full((1,), float(stop_vote), device=device)  # a fill kernel: no copy from the host
+            all_reduce_sum([*(p.grad for p in self.params), loss.view(1), vote])
+            votes = _Votes(vote)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs accumulate into the same tensors
-        return loss, grad_norm
+        return loss, grad_norm, votes
 
     def run(self, steps: Iterable[Sequence[PackedBatch]], hooks: StepHooks, start_step: int = 0) -> LoopResult:
         """Run optimizer steps start_step+1, ... over `steps` (each: the packed micro-batches of one recipe step)
@@ -155,10 +168,11 @@ class FastLoop:
         device = self.model.device
         since_log, total = torch.zeros((), device=device), torch.zeros((), device=device)
         step, done, last_log = start_step, 0, start_step
+        requested, pending = False, None  # this process asked to stop; the last step's votes, not read yet
         for micro_batches in steps:
             if step >= self.settings.total_steps:
                 break
-            loss, grad_norm = self.step(micro_batches, hooks)
+            loss, grad_norm, votes = self.step(micro_batches, hooks, requested)
             step, done = step + 1, done + 1
             since_log += loss
             total += loss
@@ -167,6 +181,27 @@ class FastLoop:
                               "learning_rate": self.scheduler.get_last_lr()[0]})
                 since_log.zero_()
                 last_log = step
-            if hooks.on_step_end(step):
+            requested |= hooks.on_step_end(step)
+            if (votes is None and requested) or (pending is not None and pending.any()):
                 return LoopResult(step, True, total.item() / done)
+            pending = votes
         return LoopResult(step, False, total.item() / done if done else None)
+
+
+class _Votes:
+    """A step's summed stop votes, copied to the host without blocking; `any()` waits for that copy only."""
+
+    def __init__(self, votes: torch.Tensor) -> None:
+        self.event = None
+        if votes.device.type == "cuda":
+            self.host = torch.empty(votes.shape, dtype=votes.dtype, pin_memory=True)
+            self.host.copy_(votes, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = votes
+
+    def any(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item() > 0)

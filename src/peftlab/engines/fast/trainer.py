@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from peftlab.distributed import ranks
+from peftlab.distributed import broadcast, gather, ranks, sum_over_ranks
 from peftlab.engines.fast.attention import attention_dropout_note
 from peftlab.engines.fast.compile import (
     CompileCache,
@@ -65,7 +65,8 @@ class FastReport:
     compile; no trial when the plan record is reused) plus the wall time of every optimizer step that ran a
     micro-batch shape for the first time (compile or recompile, or a warm compile cache's loading); tokens/s and MFU
     are over the other, steady-state steps (steady_s, the time of hook work such as evaluations and checkpoints
-    excluded)."""
+    excluded). Under several processes the token and FLOP counts are every process's, steady_s the slowest
+    process's, and MFU is per GPU: FLOPs / (steady_s x processes x peak)."""
 
     plan: Plan
     steps: int
@@ -80,6 +81,7 @@ class FastReport:
     steady_tokens: int
     steady_flops: float  # over the steady-state steps, which took steady_s seconds
     steady_s: float
+    processes: int = 1
     notes: list[str] = field(default_factory=list)
 
     def as_summary(self) -> dict[str, Any]:
@@ -88,9 +90,10 @@ class FastReport:
                 "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
                 "first_step_s": None if self.first_step_s is None else round(self.first_step_s, 2),
                 "compile_cache_hit": self.compile_cache_hit, "steady_s": round(self.steady_s, 3),
+                "steady_tokens": self.steady_tokens,
                 "steady_tokens_per_s": round(self.steady_tokens / self.steady_s, 2) if steady else None,
-                "mfu": round(mfu(self.steady_flops, self.steady_s), 4) if steady and torch.cuda.is_available()
-                else None,
+                "mfu": round(mfu(self.steady_flops, self.steady_s, self.processes), 4)
+                if steady and torch.cuda.is_available() else None,
                 "engine_notes": self.notes}
 
 
@@ -217,16 +220,18 @@ class FastTrainer:
 
     def plan(self, dataset: Sequence[Mapping[str, Any]], seed: int, measure: bool, record: Path | None = None) -> Plan:
         """The budget and checkpointing for this run (measure=True: trial steps on the device, none for the peaks
-        that `record`, a plan record of this compile-cache key, holds: planner.py says when they count)."""
+        that `record`, a plan record of this compile-cache key, holds: planner.py says when they count). Under
+        several processes, rank 0's plan for all: the same row shapes everywhere (balanced steps, one compile-cache
+        key); its budget holds any row (at least data.max_length), so it fits every process's share."""
         sample = _plan_sample(dataset, seed, self.train, self.rank, self.world)
         limit = getattr(self.train, "memory_limit_gib", None)
         if not measure:
-            return plan(sample, self.task, self.train.batch_size, self.max_length, None, limit)
+            return broadcast(plan(sample, self.task, self.train.batch_size, self.max_length, None, limit))
         device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
         trials = RecordedTrials(read_record(record, limit, device_gib) if record else {},
                                 trial_peak_gib(self.model, self.task, self.max_length))
         chosen = plan(sample, self.task, self.train.batch_size, self.max_length, trials, limit, device_gib)
-        return replace(chosen, reused=trials.measured == 0)
+        return broadcast(replace(chosen, reused=trials.measured == 0))
 
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
@@ -257,9 +262,9 @@ class FastTrainer:
         start = 0
         if resume:
             self.loop.load_state_dict(resume["loop"])
-            torch.set_rng_state(resume["rng"])
-            if resume.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(resume["cuda_rng"])
+            torch.set_rng_state(resume["rng"][self.rank])
+            if resume["cuda_rng"][self.rank] is not None:
+                torch.cuda.set_rng_state_all(resume["cuda_rng"][self.rank])
             start = resume["step"]
         clock = _StepClock(hooks, compiled=cuda)
         steps = packed_steps(self._steps(dataset, seed, start), chosen.budget, self.task, t.batch_size,
@@ -270,7 +275,9 @@ class FastTrainer:
             self.model.restore_attention()
             uncompile_layers(self.model)  # evaluation and generation follow, in shapes of their own
         train_s = time.perf_counter() - began
-        if cuda and self.cache.save():  # the save replaces the key's folder whole: the plan record goes in after
+        # One writer per cache folder (every process compiled the same graphs: rank 0's plan); the save replaces
+        # the key's folder whole, so the plan record goes in after it.
+        if cuda and self.rank == 0 and self.cache.save():
             write_record(self.cache.folder / PLAN_RECORD, chosen, getattr(t, "memory_limit_gib", None),
                          torch.cuda.get_device_properties(0).total_memory / GIB)
 
@@ -279,14 +286,20 @@ class FastTrainer:
 
         notes = [n for n in (attention_dropout_note(self.model.config), graphs_note(self.loop, cuda, chosen)) if n]
         first_step_s = None if clock.first_step_s is None else clock.first_step_s + (clock.started - began)
+        # Every process's work (a collective, once per session): tokens/s and MFU count all GPUs.
+        tokens, sum_sq, steady_tokens, steady_sq = sum_over_ranks([clock.tokens, clock.sum_sq, clock.steady_tokens,
+                                                                    clock.steady_sq])
         return FastReport(chosen, result.steps, result.stopped, result.mean_loss, train_s,
-                          plan_s + clock.compile_s if cuda else None, first_step_s, hit, clock.tokens,
-                          flops(clock.tokens, clock.sum_sq), clock.steady_tokens,
-                          flops(clock.steady_tokens, clock.steady_sq), clock.steady_s, notes)
+                          plan_s + clock.compile_s if cuda else None, first_step_s, hit, tokens,
+                          flops(tokens, sum_sq), steady_tokens, flops(steady_tokens, steady_sq),
+                          max(gather(clock.steady_s)), self.world, notes)
 
     def state_dict(self, step: int) -> dict[str, Any]:
-        """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft)."""
+        """What a checkpoint after optimizer step `step` needs to resume step-exactly (adapters are saved by peft):
+        the loop's state (the same on every process) and every process's RNG states, in rank order (each draws its
+        own dropout masks); a collective under several processes."""
         if self.loop is None:
             raise RuntimeError("state_dict() is for checkpoints taken during fit()")
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return {"loop": self.loop.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "step": step}
+        return {"loop": self.loop.state_dict(), "rng": gather(torch.get_rng_state()), "cuda_rng": gather(cuda_rng),
+                "step": step}
