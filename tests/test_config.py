@@ -185,6 +185,7 @@ def test_aliases_in_a_yaml_file_and_our_name_from_set_wins(tmp_path):
     ({"train": {"learning_rat": 1}}, "unknown key 'train.learning_rat'; fix: did you mean 'train.lr'? ('learning_rate'"),
     ({"gradient_accumulation_step": 2}, "did you mean 'train.grad_accum'? ('gradient_accumulation_steps'"),
     ({"train": {"lrr": 1}}, "unknown key 'train.lrr'; fix: did you mean 'train.lr'?"),
+    ({"method": {"lora": {"dora": True}}}, "unknown key 'method.lora.dora'; fix: did you mean 'method.lora.use_dora'?"),
 ])
 def test_alias_conflicts_and_hints(data, expected):
     with pytest.raises(PeftlabError) as err:

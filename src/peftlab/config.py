@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftlab import aliases
-from peftlab.errors import PeftlabError, did_you_mean
+from peftlab.errors import PeftlabError, closest, did_you_mean
 
 DEFAULT_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n{context_block}### Response:\n"
@@ -544,7 +544,10 @@ def _describe(exc: ValidationError) -> str:
         prefix = "".join(f"{p}." for p in loc[:-1])
         valid = [prefix + k for k in _valid_keys(loc[:-1])]
         alias = aliases.suggestion(loc[-1], _valid_keys(loc[:-1]))
-        msg = f"unknown key '{key}'; {alias or did_you_mean(key, valid)}"
+        # spelling distance between the last parts: the shared section prefix would make 'method.lora.dora'
+        # closer to 'method.lora.r' than to 'method.lora.use_dora'
+        leaf = closest(loc[-1], _valid_keys(loc[:-1]))
+        msg = f"unknown key '{key}'; {alias or (f'fix: did you mean {prefix + leaf!r}?' if leaf else did_you_mean(key, valid))}"
         if loc[-1] in aliases.ELSEWHERE:
             msg = f"'{key}' is not a recipe field: {aliases.elsewhere(loc[-1], first.get('input'))}"
     else:
