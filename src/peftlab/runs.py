@@ -255,7 +255,7 @@ def place(output_dir: str | None, runs_dir: Path | None, name: str | None, defau
         runs_dir = runs_dir or default_runs
         where = runs_dir / name if one_run and name else runs_dir
         note = (f"note: the recipe's output_dir '{output_dir}' is overridden by {' and '.join(flags)}: "
-                f"{'the run goes to' if one_run else 'the runs go in'} {where}") if output_dir else None
+                f"{'the run goes to' if one_run else 'the runs go in'} {where}") if output_dir is not None else None
         return Placement(runs_dir, name, note)
     folder = output_folder(output_dir, one_run)
     return Placement(folder.parent, folder.name) if one_run else Placement(folder, name)
