@@ -119,3 +119,12 @@ def test_the_original_search_space_is_declared_in_the_recipe() -> None:
     assert space["train.batch_size"].choices == [4, 8, 16]
     assert (space["train.warmup_steps"].low, space["train.warmup_steps"].high, space["train.warmup_steps"].step) == (100, 500, 50)
     assert recipe.sweep.metric == "eval_f1" and direction(recipe) == "maximize" and recipe.sweep.trials == 5
+
+
+def test_zero_trials_on_a_new_study_is_one_line_and_makes_no_study(runs_dir: Path, cli) -> None:
+    """--trials 0 is for an existing study (--resume): on a new one it made an empty study.db and plots of nothing."""
+    from test_bad_input import one_line_error
+
+    one_line_error(*cli("sweep", "tiny-dialogpt-banking77", "--trials", "0", "--runs-dir", str(runs_dir)),
+                   "error: --trials 0: a new study with no trial has nothing to report; fix: --trials N")
+    assert not (runs_dir / "tiny-dialogpt-banking77").exists()
