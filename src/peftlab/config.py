@@ -473,11 +473,14 @@ def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, .
     except ValidationError as exc:
         loc = tuple(str(p) for p in exc.errors()[0]["loc"])
         # at or under the key set; or above it for an unknown key (`--set foo.bar=1`: `foo`), not for a section's
-        # own check (`train`'s steps rule is not about `--set train.max_steps`)
-        unknown = exc.errors()[0]["type"] == "extra_forbidden"
+        # own check (`train`'s steps rule is not about `--set train.max_steps`) unless the key set is its subject
+        # (`diffusion.speed.micro_batch 3 does not divide ...` is about `--set diffusion.speed.micro_batch=3`)
+        unknown, message = exc.errors()[0]["type"] == "extra_forbidden", _describe(exc)
         flag = next((f"--set {item}" for key, item in (set_by or {}).items()
                      if loc and (loc[:len(key)] == key or (unknown and key[:len(loc)] == loc))), None)
-        raise PeftlabError(f"{flag or origin}: {_describe(exc)}") from None
+        flag = flag or next((f"--set {item}" for key, item in (set_by or {}).items() if key[:len(loc)] == loc
+                             and re.match(rf"{re.escape('.'.join(key))}(?![\w.])", message)), None)
+        raise PeftlabError(f"{flag or origin}: {message}") from None
 
 
 def _find_recipe(ref: str) -> Path:
