@@ -106,6 +106,9 @@ def test_unsweepable_recipes_are_one_line_errors(tiny_recipe, changes, message) 
     ({"train.lrr": {"type": "float", "low": 1, "high": 2}}, "'train.lrr' is not a recipe field to search; fix: did you mean 'train.lr'"),
     ({"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log=true needs low > 0"),
     ({"train.batch_size": {"type": "categorical"}}, "needs a non-empty 'choices' list"),
+    # a missing key named, not pydantic's bare "Field required" (its input is the mapping that lacks the key)
+    ({"train.lr": {"low": 1e-5, "high": 1e-3}}, "sweep.space.train.lr.type: required, not given; fix: add `type:` to "
+                                                "sweep.space.train.lr"),
 ])
 def test_bad_search_spaces_fail_at_load(space, message) -> None:
     with pytest.raises(PeftlabError, match=message):

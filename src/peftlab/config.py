@@ -562,7 +562,9 @@ def _describe(exc: ValidationError) -> str:
             fix = f"; fix: {key} is a section: set its keys ({', '.join(keys)}), e.g. --set {key}.{keys[0]}=..."
         what, sep, own_fix = problem.partition("; fix:")  # a validator's own fix stays last, after what was found
         msg = f"{key}: {what} (got {got_text}){sep}{own_fix}{fix}"
-        if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
+        if first["type"] == "missing":  # pydantic's input is then the mapping that lacks the key
+            msg = f"{key}: required, not given; fix: add `{loc[-1]}:` to {'.'.join(loc[:-1]) or 'the recipe'}"
+        elif not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
             msg = problem
     more = len(errors) - 1
     return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
