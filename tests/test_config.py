@@ -277,6 +277,8 @@ def test_a_dict_valued_field_is_data_not_a_section_of_aliases():
     with pytest.raises(PeftlabError) as err:
         validate_recipe({"model": {"source": "preset:tiny-gemma2"}, "sweep": {"space": space}})
     assert "sweep.space: 'output_dir' is not a recipe field to search" in str(err.value)
+    assert "did you mean" not in str(err.value)  # it said "did you mean 'output_dir'?" of 'output_dir' itself
+    assert str(err.value).endswith("not what they train; fix: remove it from sweep.space")
     lr = {"type": "float", "low": 1e-4, "high": 1e-3}
     recipe = validate_recipe({"model": {"source": "preset:tiny-gemma2"},  # HF hyperparameter_search's name
                               "sweep": {"space": {"learning_rate": lr, "train.epochs": {"type": "int", "low": 1,

@@ -347,6 +347,10 @@ class TrackingConfig(Section):
 # trackers' hyperparameters, resume's check) and so out of config_hash, as the run's folder name (--name) is;
 # summary.json records it. (`seed` and `name` change what is trained or how it is labelled: they stay in.)
 WHERE_FIELDS = {"output_dir"}
+# The top-level fields a sweep cannot vary, and why (a search parameter that names one would be nonsense).
+UNSEARCHED = {"sweep": "the study's own settings", "name": "each trial is named trial-NNN by the study",
+              "task": "the trials of a study train one task", "output_dir": "it says where the trials go "
+              "(<output_dir>/<study>/trial-NNN), not what they train"}
 
 
 class Recipe(Section):
@@ -421,7 +425,10 @@ class Recipe(Section):
         for key in self.sweep.space:
             parts = key.split(".")
             valid = [".".join(parts[:-1] + [k]) for k in _valid_keys(parts[:-1])]
-            if key not in valid or parts[0] in ("sweep", "name", "task", *WHERE_FIELDS):
+            if parts[0] in ("sweep", "name", "task", *WHERE_FIELDS):  # real fields, but no training setting
+                raise ValueError(f"sweep.space: '{key}' is not a recipe field to search: {UNSEARCHED[parts[0]]}; fix: remove it "
+                                 "from sweep.space")
+            if key not in valid:
                 raise ValueError(f"sweep.space: '{key}' is not a recipe field to search; {did_you_mean(key, valid or _valid_keys([]))}")
         return self
 
