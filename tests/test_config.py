@@ -278,6 +278,8 @@ def test_a_dict_valued_field_is_data_not_a_section_of_aliases():
     with pytest.raises(PeftlabError) as err:
         validate_recipe({"model": {"source": "preset:tiny-gemma2"}, "sweep": {"space": space}})
     assert "sweep.space: 'output_dir' is not a recipe field to search" in str(err.value)
+    assert "did you mean" not in str(err.value)  # it said "did you mean 'output_dir'?" of 'output_dir' itself
+    assert str(err.value).endswith("not what they train; fix: remove it from sweep.space")
     lr = {"type": "float", "low": 1e-4, "high": 1e-3}
     recipe = validate_recipe({"model": {"source": "preset:tiny-gemma2"},  # HF hyperparameter_search's name
                               "sweep": {"space": {"learning_rate": lr, "train.epochs": {"type": "int", "low": 1,
@@ -287,3 +289,11 @@ def test_a_dict_valued_field_is_data_not_a_section_of_aliases():
         validate_recipe({"model": {"source": "preset:tiny-gemma2"},
                          "sweep": {"space": {"learning_rate": lr, "train.lr": lr}}})
     assert "sweep.space: 'learning_rate' and 'train.lr' are the same field" in str(err.value)
+
+
+def test_a_section_check_about_the_key_set_names_its_flag():
+    """A cross-field check whose message names the --set key blames that flag, not the built-in recipe's file."""
+    with pytest.raises(PeftlabError) as err:
+        load_recipe("tiny-sd-vangogh", ["diffusion.speed.micro_batch=3", "train.max_steps=2"])
+    assert str(err.value).startswith("--set diffusion.speed.micro_batch=3: diffusion.speed.micro_batch 3 does not "
+                                     "divide the 4 images"), str(err.value)

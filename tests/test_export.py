@@ -50,6 +50,7 @@ def test_qlora_merges_into_the_dequantised_base(qlora_run, cli):
         assert torch.allclose(merged(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "- qlora" in card and "dequantising its 4-bit weights" in card
+    assert "with QLoRA (rank" in card and "- 2 steps, batch" in card
 
 
 def test_bad_exports_are_one_line(qlora_run, cli, monkeypatch):

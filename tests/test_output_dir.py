@@ -142,3 +142,11 @@ def test_two_processes_train_one_run_into_output_dir(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir() if p.is_dir()] == ["ddp"]  # one folder for both ranks
     summary = RunDir(tmp_path / "out" / "ddp").summary()
     assert summary["status"] == "completed" and summary["world_size"] == 2 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["", "out/my run"])
+def test_flags_over_an_unusable_output_dir_still_say_so(value):
+    """An output_dir that flags replace is not checked, but never passed over in silence (an empty one was)."""
+    where = place(value, Path("elsewhere"), None, Path("runs"), one_run=True)
+    assert where.runs_dir == Path("elsewhere") and where.note == (
+        f"note: the recipe's output_dir '{value}' is overridden by --runs-dir: the run goes to elsewhere")

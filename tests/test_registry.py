@@ -16,7 +16,7 @@ import pytest
 from peftlab.config import load_recipe
 from peftlab.errors import PeftlabError
 from peftlab.registry import INDEX_NAME, Registry, index_run
-from peftlab.runs import RunDir
+from peftlab.runs import RunDir, atomic_dir, honour_umask
 
 WRITERS, RUNS_PER_WRITER = 4, 10
 
@@ -180,6 +180,24 @@ def test_run_files_honour_the_umask(runs_dir, umask):
         os.umask(previous)
     for name in ("config.yaml", "summary.json"):
         assert (run.path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weights_written_by_safetensors_honour_the_umask(tmp_path, umask):
+    """safetensors' save_file (peft's adapter, export, our checkpoints) creates 0o600 files whatever the umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "adapter") as folder:
+            save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+        save_file({"w": torch.zeros(2)}, str(tmp_path / "trainable.safetensors"))
+        honour_umask(tmp_path / "trainable.safetensors")
+    finally:
+        os.umask(previous)
+    for file in (tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "trainable.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
 
 
 def test_a_read_only_runs_folder_is_listed_from_the_folders(make_run, runs_dir, monkeypatch):

@@ -106,6 +106,9 @@ def test_unsweepable_recipes_are_one_line_errors(tiny_recipe, changes, message) 
     ({"train.lrr": {"type": "float", "low": 1, "high": 2}}, "'train.lrr' is not a recipe field to search; fix: did you mean 'train.lr'"),
     ({"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "log=true needs low > 0"),
     ({"train.batch_size": {"type": "categorical"}}, "needs a non-empty 'choices' list"),
+    # a missing key named, not pydantic's bare "Field required" (its input is the mapping that lacks the key)
+    ({"train.lr": {"low": 1e-5, "high": 1e-3}}, "sweep.space.train.lr.type: required, not given; fix: add `type:` to "
+                                                "sweep.space.train.lr"),
 ])
 def test_bad_search_spaces_fail_at_load(space, message) -> None:
     with pytest.raises(PeftlabError, match=message):
@@ -119,3 +122,12 @@ def test_the_original_search_space_is_declared_in_the_recipe() -> None:
     assert space["train.batch_size"].choices == [4, 8, 16]
     assert (space["train.warmup_steps"].low, space["train.warmup_steps"].high, space["train.warmup_steps"].step) == (100, 500, 50)
     assert recipe.sweep.metric == "eval_f1" and direction(recipe) == "maximize" and recipe.sweep.trials == 5
+
+
+def test_zero_trials_on_a_new_study_is_one_line_and_makes_no_study(runs_dir: Path, cli) -> None:
+    """--trials 0 is for an existing study (--resume): on a new one it made an empty study.db and plots of nothing."""
+    from test_bad_input import one_line_error
+
+    one_line_error(*cli("sweep", "tiny-dialogpt-banking77", "--trials", "0", "--runs-dir", str(runs_dir)),
+                   "error: --trials 0: a new study with no trial has nothing to report; fix: --trials N")
+    assert not (runs_dir / "tiny-dialogpt-banking77").exists()

@@ -223,6 +223,9 @@ def sweep(recipe: RecipeArg,
     quiet_libraries()
     if baseline and not final:
         raise PeftlabError("--baseline compares the final run; fix: add --final")
+    if trials == 0 and not resume:  # 0 is for an existing study: its results and --final without new trials
+        raise PeftlabError("--trials 0: a new study with no trial has nothing to report; fix: --trials N (N >= 1), "
+                           "or --resume to write an existing study's results (and --final) without new trials")
     loaded = load_recipe(recipe, set_)
     runs_dir = placed(loaded.output_dir, runs_dir, None, one_run=False).runs_dir
     if gpus > 1:  # the workers run the trials; then this process writes the results and runs --final once

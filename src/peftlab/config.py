@@ -347,6 +347,10 @@ class TrackingConfig(Section):
 # trackers' hyperparameters, resume's check) and so out of config_hash, as the run's folder name (--name) is;
 # summary.json records it. (`seed` and `name` change what is trained or how it is labelled: they stay in.)
 WHERE_FIELDS = {"output_dir"}
+# The top-level fields a sweep cannot vary, and why (a search parameter that names one would be nonsense).
+UNSEARCHED = {"sweep": "the study's own settings", "name": "each trial is named trial-NNN by the study",
+              "task": "the trials of a study train one task", "output_dir": "it says where the trials go "
+              "(<output_dir>/<study>/trial-NNN), not what they train"}
 
 
 class Recipe(Section):
@@ -421,7 +425,10 @@ class Recipe(Section):
         for key in self.sweep.space:
             parts = key.split(".")
             valid = [".".join(parts[:-1] + [k]) for k in _valid_keys(parts[:-1])]
-            if key not in valid or parts[0] in ("sweep", "name", "task", *WHERE_FIELDS):
+            if parts[0] in ("sweep", "name", "task", *WHERE_FIELDS):  # real fields, but no training setting
+                raise ValueError(f"sweep.space: '{key}' is not a recipe field to search: {UNSEARCHED[parts[0]]}; fix: remove it "
+                                 "from sweep.space")
+            if key not in valid:
                 raise ValueError(f"sweep.space: '{key}' is not a recipe field to search; {did_you_mean(key, valid or _valid_keys([]))}")
         return self
 
@@ -473,11 +480,14 @@ def validate_recipe(data: Any, origin: str = "recipe", set_by: dict[tuple[str, .
     except ValidationError as exc:
         loc = tuple(str(p) for p in exc.errors()[0]["loc"])
         # at or under the key set; or above it for an unknown key (`--set foo.bar=1`: `foo`), not for a section's
-        # own check (`train`'s steps rule is not about `--set train.max_steps`)
-        unknown = exc.errors()[0]["type"] == "extra_forbidden"
+        # own check (`train`'s steps rule is not about `--set train.max_steps`) unless the key set is its subject
+        # (`diffusion.speed.micro_batch 3 does not divide ...` is about `--set diffusion.speed.micro_batch=3`)
+        unknown, message = exc.errors()[0]["type"] == "extra_forbidden", _describe(exc)
         flag = next((f"--set {item}" for key, item in (set_by or {}).items()
                      if loc and (loc[:len(key)] == key or (unknown and key[:len(loc)] == loc))), None)
-        raise PeftlabError(f"{flag or origin}: {_describe(exc)}") from None
+        flag = flag or next((f"--set {item}" for key, item in (set_by or {}).items() if key[:len(loc)] == loc
+                             and re.match(rf"{re.escape('.'.join(key))}(?![\w.])", message)), None)
+        raise PeftlabError(f"{flag or origin}: {message}") from None
 
 
 def _find_recipe(ref: str) -> Path:
@@ -562,7 +572,9 @@ def _describe(exc: ValidationError) -> str:
             fix = f"; fix: {key} is a section: set its keys ({', '.join(keys)}), e.g. --set {key}.{keys[0]}=..."
         what, sep, own_fix = problem.partition("; fix:")  # a validator's own fix stays last, after what was found
         msg = f"{key}: {what} (got {got_text}){sep}{own_fix}{fix}"
-        if not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
+        if first["type"] == "missing":  # pydantic's input is then the mapping that lacks the key
+            msg = f"{key}: required, not given; fix: add `{loc[-1]}:` to {'.'.join(loc[:-1]) or 'the recipe'}"
+        elif not loc or isinstance(got, dict):  # a whole-recipe/section check: its message names the field
             msg = problem
     more = len(errors) - 1
     return msg + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")

@@ -49,6 +49,10 @@ def check_replaceable(out: Path) -> None:
                        f"the export replaces the folder whole; fix: choose a new or empty folder, e.g. --out {out / 'model'}")
 
 
+# The field's spelling of each method (the recipe's names are lower-case keys).
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
+
+
 def model_card(run: RunDir, recipe: Recipe, exported: Exported) -> str:
     """A Hugging Face model card (YAML front matter + sections) from summary.json and the recipe."""
     s, m, t = run.summary(), recipe.method, recipe.train
@@ -57,14 +61,14 @@ def model_card(run: RunDir, recipe: Recipe, exported: Exported) -> str:
     front = ["---", f"base_model: {recipe.model.source}", f"library_name: {exported.library}",
              f"pipeline_tag: {exported.pipeline_tag}", "tags:", "- peftlab", f"- {m.name}", f"- {recipe.task}", "---"]
     lines = [*front, "", f"# {run.name}", "",
-             f"{recipe.task} fine-tune of `{recipe.model.source}` with {m.name.upper()} (rank {m.lora.r}, alpha "
+             f"{recipe.task} fine-tune of `{recipe.model.source}` with {METHOD_NAMES[m.name]} (rank {m.lora.r}, alpha "
              f"{m.lora.alpha}, dropout {m.lora.dropout}, targets {m.lora.target_modules}), merged into the base"
              + (" after dequantising its 4-bit weights (the weights the adapter was trained against)" if m.name == "qlora" else "")
              + f". Trained with peftlab ({s.get('engine', 'hf')} engine); run status: {s.get('status')}.", "",
              "## Data", "", f"- source: `{recipe.data.source}`, max length {recipe.data.max_length}",
              *[f"- {k}: {v}" for k, v in (s.get("data") or {}).items() if isinstance(v, int | float | str)], "",
              "## Training", "",
-             f"- {t.epochs if not t.max_steps else f'{t.max_steps} steps'} {'' if t.max_steps else 'epochs'}, batch "
+             f"- {f'{t.max_steps} steps' if t.max_steps else f'{t.epochs} epochs'}, batch "
              f"{t.batch_size} x grad accumulation {t.grad_accum}, lr {t.lr} {t.scheduler}, precision {s.get('precision')}",
              f"- steps {s.get('steps')}, runtime {s.get('runtime_s')} s, tokens/s {s.get('tokens_per_s')}, "
              f"peak memory {s.get('peak_mem_allocated_gib', s.get('peak_mem_rss_gib'))} GiB ({s.get('memory_kind')})", "",

@@ -42,6 +42,15 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def honour_umask(path: Path) -> None:
+    """Give `path` (a file, or every file under a folder) the mode a plain open() would: safetensors' save_file,
+    which peft, transformers and our checkpoints write weights with, creates its files 0o600 whatever the umask."""
+    mode = _file_mode()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        if file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
 def atomic_write_text(path: Path, text: str, redacted: bool = False) -> None:
     """Write via a temporary file + rename; secrets (tokens, API keys) are redacted on the way, unless the
     caller has `redacted` the text itself (a recipe: see secrets.redact_recipe)."""
@@ -145,6 +154,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         tmp.mkdir(parents=True)
         try:
             yield tmp
+            honour_umask(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -245,7 +255,7 @@ def place(output_dir: str | None, runs_dir: Path | None, name: str | None, defau
         runs_dir = runs_dir or default_runs
         where = runs_dir / name if one_run and name else runs_dir
         note = (f"note: the recipe's output_dir '{output_dir}' is overridden by {' and '.join(flags)}: "
-                f"{'the run goes to' if one_run else 'the runs go in'} {where}") if output_dir else None
+                f"{'the run goes to' if one_run else 'the runs go in'} {where}") if output_dir is not None else None
         return Placement(runs_dir, name, note)
     folder = output_folder(output_dir, one_run)
     return Placement(folder.parent, folder.name) if one_run else Placement(folder, name)

@@ -29,7 +29,7 @@ from peftlab.metrics import lower_is_better
 from peftlab.reliability import TrainingInterrupted, checkpoint_args, train_resumable
 from peftlab.reliability.checkpoints import STATE_FILE, CarryState, prune
 from peftlab.reliability.interrupt import StopRequest, on_stop_signals
-from peftlab.runs import atomic_write_json
+from peftlab.runs import atomic_write_json, honour_umask
 from peftlab.watch.epochs import EpochCallback
 from peftlab.watch.guard import check_batch_labels
 from peftlab.watch.memory import peak_memory
@@ -358,6 +358,7 @@ class AccelerateLoop:
         trainable = {n: p.detach().contiguous().cpu() for n, p in self.accelerator.unwrap_model(model).named_parameters()
                      if p.requires_grad}
         save_file(trainable, str(folder / "trainable.safetensors"))
+        honour_umask(folder / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "losses": torch.stack(self.losses).cpu() if self.losses else None,
                     "logged": self.logged, "final_loss": self.final_loss}, folder / "training_state.pt")

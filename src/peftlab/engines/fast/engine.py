@@ -32,7 +32,7 @@ from peftlab.engines.hooks import TrainingHooks
 from peftlab.reliability import TrainingInterrupted
 from peftlab.reliability.checkpoints import STATE_FILE, CarryState, prune
 from peftlab.reliability.interrupt import StopRequest, on_stop_signals
-from peftlab.runs import atomic_write_json
+from peftlab.runs import atomic_write_json, honour_umask
 from peftlab.watch.console import say
 from peftlab.watch.epochs import EpochCallback
 
@@ -193,6 +193,7 @@ class _Hooks(StepHooks):
         folder.mkdir(parents=True, exist_ok=True)
         weights = {n: p.detach().contiguous().cpu() for n, p in self.fast.model.trainable_parameters()}
         save_file(weights, str(folder / "trainable.safetensors"))
+        honour_umask(folder / "trainable.safetensors")
         torch.save(state, folder / ENGINE_STATE)
         atomic_write_json(folder / STATE_FILE, {"global_step": step, "stateful_callbacks": {
             CarryState.__name__: {"args": {}, "attributes": carried}}})
