@@ -99,10 +99,13 @@ def test_under_torchrun_auto_takes_the_fast_engine_on_cuda_with_ddp_and_hf_for_s
 
     import torch
 
+    import peftlab.engines.fast.engine as fast_engine
     from peftlab.engines.fast.engine import FastEngine
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # the run-length weighing (tests/test_fast_choice.py) needs a real model and data; this job has neither
+    monkeypatch.setattr(fast_engine, "_auto_weighs", lambda job: None)
     recipe = load_recipe("tiny-gemma2-dolly")
     gemma2 = SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))
     job = TrainJob(gemma2, None, [], None, "causal_lm", recipe.train, 0, "bf16", Path("checkpoints"), max_length=64)

@@ -220,3 +220,10 @@ def test_block_masks_per_layer_type():
     assert not full[12, 11] and full[13, 12] and not full[5, 6]  # documents apart, causal
     gpt2 = loader.load_model_config(ModelConfig(source="preset:tiny-gpt2"))
     assert isinstance(block_masks(gpt2, docs, block_size=16), BlockMask)
+
+
+def test_step_rows_of_an_empty_dataset_is_an_error_not_an_endless_loop():
+    from peftlab.engines.fast.packing import step_rows
+
+    with pytest.raises(ValueError, match="no rows"):
+        next(step_rows([], batch_size=2, grad_accum=2, seed=0))

@@ -223,6 +223,8 @@ def step_rows(dataset: Sequence[Mapping[str, Any]], batch_size: int, grad_accum:
     """The rows of each optimizer step, epoch after epoch (endless; the loop stops at total_steps): a seeded
     permutation per epoch cut into steps of batch_size x grad_accum rows, the last step of an epoch shorter
     (as the Trainer's). The order is the fast engine's own, not the Trainer's sampler."""
+    if not len(dataset):  # an endless loop over nothing would never yield
+        raise ValueError("step_rows: the dataset has no rows")
     per_step = batch_size * grad_accum
     epoch = first_epoch
     while True:
