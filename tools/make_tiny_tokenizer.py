@@ -2,9 +2,13 @@
 bundled Dolly text, the vocabulary of the tiny CPU twins (a 50k vocabulary would make their logits dominate CPU time).
 Run from the repo root: python tools/make_tiny_tokenizer.py
 """
-import gzip, json
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
-rows = [json.loads(l) for l in gzip.open("src/peftlab/data/bundled/databricks-dolly-15k.jsonl.gz", "rt")]
+import gzip
+import json
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+with gzip.open("src/peftlab/data/bundled/databricks-dolly-15k.jsonl.gz", "rt") as lines:
+    rows = [json.loads(line) for line in lines]
 texts = [r["instruction"] + "\n" + r["context"] + "\n" + r["response"] for r in rows]
 tok = Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -13,4 +17,5 @@ tok.post_processor = processors.ByteLevel(trim_offsets=False)
 tr = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
 tok.train_from_iterator(texts, tr)
 print(tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), tok.encode("Hello world, what is the capital of France?").tokens)
-with gzip.GzipFile("src/peftlab/data/bundled/dolly-bpe4k-tokenizer.json.gz", "wb", mtime=0, compresslevel=9) as f: f.write(tok.to_str().encode())
+with gzip.GzipFile("src/peftlab/data/bundled/dolly-bpe4k-tokenizer.json.gz", "wb", mtime=0, compresslevel=9) as f:
+    f.write(tok.to_str().encode())
