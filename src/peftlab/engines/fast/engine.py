@@ -106,7 +106,8 @@ def _auto_weighs(job: TrainJob) -> str | None:
         why = "the run's checkpoints are the hf engine's"
     else:
         t, task = job.train, TASKS[job.loss_kind]
-        key = compile_cache_key(job.model, task, t, job.precision, job.max_length or 0, job.train_dataset, job.seed)
+        key = compile_cache_key(job.model, task, t, job.precision, job.max_length or 0, job.train_dataset, job.seed,
+                                ranks().world_size)
         steps = total_steps(len(job.train_dataset), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
         why = weigh_compile(CompileCache(key).path.is_file(),
                             run_tokens(job.train_dataset, steps, t.batch_size * t.grad_accum), _parameters(job.model))

@@ -20,7 +20,6 @@ from peftlab.distributed import broadcast, gather, ranks, sum_over_ranks
 from peftlab.engines.fast.attention import attention_dropout_note
 from peftlab.engines.fast.compile import (
     CompileCache,
-    cache_key,
     compile_layers,
     compile_loss_core,
     peft_cache_key,
@@ -180,10 +179,11 @@ def _plan_sample(dataset: Sequence[Mapping[str, Any]], seed: int, train: Any, ra
 
 
 def compile_cache_key(peft_model: Any, task: Task, train: Any, precision: str, max_length: int,
-                      dataset: Sequence[Mapping[str, Any]], seed: int) -> str:
-    """The compile-cache key a one-process `FastTrainer.fit` of this job loads, without building the trainer
-    (auto asks whether the cache is warm before choosing the engine)."""
-    preferred = plan(_plan_sample(dataset, seed, train, 0, 1), task, train.batch_size, max_length, None,
+                      dataset: Sequence[Mapping[str, Any]], seed: int, world: int = 1) -> str:
+    """The compile-cache key `FastTrainer.fit` of this job loads under `world` processes: that of the budget the
+    padding of rank 0's share prefers (every process computes it alike from the seeded order, so no collective).
+    auto asks it before any trainer exists, to see whether the cache is warm."""
+    preferred = plan(_plan_sample(dataset, seed, train, 0, world), task, train.batch_size, max_length, None,
                      getattr(train, "memory_limit_gib", None))
     return peft_cache_key(peft_model, task, precision, preferred.budget, False, preferred.sizes)
 
@@ -236,8 +236,8 @@ class FastTrainer:
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
         """Load the compile cache of the budget the padding prefers (the usual plan), then compile the layers and
         the CE core; returns whether the cache had artifacts. The planner's first trial is then the compile."""
-        preferred = self.plan(dataset, seed, measure=False)
-        self.cache = CompileCache(cache_key(self.model, preferred.budget, False, preferred.sizes))
+        self.cache = CompileCache(compile_cache_key(self.model.peft_model, self.task, self.train, self.model.precision,
+                                                    self.max_length, dataset, seed, self.world))
         hit = self.cache.load()
         compile_layers(self.model)
         compile_loss_core(self.model)
