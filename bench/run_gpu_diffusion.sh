@@ -4,7 +4,7 @@
 # Group A (~7 min): the seed settings, LoRA vs QLoRA, plus the two QLoRA variants that take the anomaly apart.
 # Group B (~6 min): latent caching, and batch 4 x GA 1 (the fp32-activation effect grows with the batch).
 # Group F (issue 15, BUDGET s): diffusion.speed's fast step (cache, measured micro-batch, compile + CUDA graphs) for
-# QLoRA and LoRA at the original settings, the plain script at them (C1) and at its best stock tuning (C4), then QLoRA
+# QLoRA, the plain script at its best stock tuning (C4) and at the original settings (C1), LoRA, then QLoRA
 # uncompiled and QLoRA again on the compile cache the first run left (a warm start).
 # Needs .bench-hf/ carried as for run_gpu_sft.sh (bench/README.md). Usage: OUT=... bash bench/run_gpu_diffusion.sh A|B|F
 set -u
@@ -28,15 +28,16 @@ if [ "$G" = A ]; then
   python3 bench/bench_diffusion.py --explain --out "$OUT/explain.json" | tail -1
 elif [ "$G" = F ]; then  # issue 15: the fast step beside the plain script, runs skipped once $BUDGET s are spent
   start=$SECONDS; left() { [ $((SECONDS - start)) -lt "${BUDGET:-270}" ] || { echo "=== skipped $1 (budget)"; false; }; }
-  # QLoRA first (the first call's limit fell during its compile, after LoRA's), then the plain script's best stock
-  # tuning; dynamo logs graph breaks and recompiles into log.txt (the summary counts graphs, breaks, CUDA-graph skips).
+  # QLoRA first (the first call's limit fell during its compile, after LoRA's), then the plain script at its best
+  # stock tuning (C4) and at the original settings (C1); dynamo logs graph breaks and recompiles into log.txt (the
+  # summary counts graphs, breaks, CUDA-graph skips).
   # Runs after the first start only while fewer than $BUDGET s are spent; LoRA_LIMIT caps the LoRA run.
   FAST=(--warmup 10 --steps 40 --log-every 5)
   LOGS=graph_breaks,recompiles
   TORCH_LOGS=$LOGS ours peftlab_qlora_fast qlora_fast "${FAST[@]}"
   hf C4_tuned_lora_bs4 --bs 4 --ga 1 --steps 30 --time-cap 8
+  hf C1_seed_lora --time-cap 10  # both plain references before LoRA: a budget cut must not leave a ratio without its pair
   left lora && TORCH_LOGS=$LOGS OURS_LIMIT=${LORA_LIMIT:-${OURS_LIMIT:-150}} ours peftlab_lora_fast lora_fast "${FAST[@]}"
-  left C1 && hf C1_seed_lora --time-cap 10
   left qlora_eager && ours peftlab_qlora_fast_eager qlora_fast_eager "${FAST[@]}"
   left qlora_warm && ours peftlab_qlora_fast_warm qlora_fast "${FAST[@]}"  # on the compile cache the first run saved
 else
