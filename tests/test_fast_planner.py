@@ -10,7 +10,7 @@ import torch
 
 from peftlab.engines.fast import FastModel, pack_step
 from peftlab.engines.fast.compile import CompileCache, cache_key, compile_layers
-from peftlab.engines.fast.planner import candidate_budgets, plan
+from peftlab.engines.fast.planner import candidate_budgets, plan, smaller_sizes
 
 
 def steps_of(lengths_per_step):
@@ -58,20 +58,31 @@ def test_trials_stop_at_the_cheapest_budget_that_fits():
         return budget / 1024
 
     chosen = plan(steps, "sft", 1, 768, trial, memory_limit_gib=40.0)
-    # 2,048 with 1,024-token rows where they fit: the 1k steps take one 1,024 row as with a 1,024 budget, the
-    # 4.2k step three 2,048 rows instead of six 1,024 ones
-    assert trials == [(2048, False)] and chosen.budget == 2048 and chosen.sizes == (1024,)
+    # 2,048 with 1,024- and 1,536-token rows where they fit: the 1k steps take one 1,024 row as with a 1,024
+    # budget, the 4.2k step three 1,536 rows (two documents of 700 each) instead of six 1,024 ones
+    assert trials == [(2048, False)] and chosen.budget == 2048 and chosen.sizes == (1024, 1536)
     assert chosen.peak_gib == 2.0 and chosen.rows_per_step == 1.2
+    assert chosen.padding_fraction == pytest.approx(1 - 13200 / (9 * 1024 + 3 * 1536))
 
 
 def test_rows_that_fit_the_smaller_size_are_cut_to_it():
     steps = steps_of([[700, 300, 200, 100]] * 2 + [[500, 300]] * 2)  # 1,300 and 800 tokens per step
     one_shape = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1)]
     two_shapes = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1, sizes=(1024,))]
+    three_shapes = [b.budget for s in steps for b in pack_step(s, 2048, "sft", 1, sizes=(1024, 1536))]
     assert one_shape == [2048] * 4 and two_shapes == [2048, 2048, 1024, 1024]
+    assert three_shapes == [1536, 1536, 1024, 1024]
     chosen = plan(steps, "sft", 1, 768)
-    assert chosen.budget == 2048 and chosen.sizes == (1024,) and "rows that fit: 1024" in chosen.describe()
-    assert chosen.padding_fraction == pytest.approx(1 - 4200 / 6144)
+    assert chosen.budget == 2048 and chosen.sizes == (1024, 1536)
+    assert "rows that fit: 1024, 1536" in chosen.describe()
+    assert chosen.padding_fraction == pytest.approx(1 - 4200 / (2 * 1536 + 2 * 1024))
+
+
+def test_smaller_sizes_hold_the_longest_document_in_whole_flex_blocks():
+    assert smaller_sizes(2048, 768) == (1024, 1536)
+    assert smaller_sizes(1024, 768) == (768,)  # the half (512) would not hold a 768-token document
+    assert smaller_sizes(768, 768) == ()
+    assert smaller_sizes(1280, 128) == (640,)  # 960 is not a whole number of 128-token blocks
 
 
 def tiny_fast_model():

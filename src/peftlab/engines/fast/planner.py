@@ -8,9 +8,10 @@ Two measurements decide:
     read from torch.cuda.max_memory_allocated, with the model as it will train (compiled: the first trial is
     then the run's own compile).
 Rule: candidates in order of cost (padded tokens per step, each row counted ROW_OVERHEAD_TOKENS more for its
-fixed cost; a budget's rows that fit half of it are cut to that second static shape), without activation checkpointing first (it costs a third more compute); the first whose trial fits
-the cap (train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU
-there is no memory to measure: the cheapest budget, and the plan says so.
+fixed cost; a budget's rows that fit a half or three quarters of it are cut to those smaller static shapes),
+without activation checkpointing first (it costs a third more compute); the first whose trial fits the cap
+(train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU there is no
+memory to measure: the cheapest budget, and the plan says so.
 
 Reuse: the trial peaks are recorded (`plan.json`) beside the compile artifacts of the run's compile-cache key,
 which covers the model, shapes, precision, versions and device. A later run with that key (its compile cache
@@ -96,11 +97,13 @@ def candidate_budgets(max_length: int, step_tokens_max: int, largest: int = 6553
 
 
 def smaller_sizes(budget: int, smallest: int) -> tuple[int, ...]:
-    """The row shapes below `budget`: half of it when that still holds the longest document. A step's last packed
-    row is its padded one; a half-size shape halves its worst padding. One shape only: each costs a compile (a
-    minute cold on an H200, bench/README.md; then from the compile cache)."""
-    half = budget // 2
-    return (half,) if half >= smallest and half % BLOCK_SIZE == 0 else ()
+    """The row shapes below `budget`: a half and three quarters of it, those that still hold the longest document
+    and are whole flex blocks. A step's last packed row is its padded one; with a half-size shape alone the recipe
+    step of gemma2-dolly (8 Dolly rows, ~1.5k tokens in a 2,048 row) was 25% padding on the H200 (bench/README.md,
+    Issue 11); the 3/4 shape takes the steps between. Two shapes only: each costs a compile (a minute cold on an
+    H200) and, with CUDA graphs, a capture; a warm compile cache holds them all."""
+    fits = {size for size in (budget // 2, 3 * budget // 4) if size >= smallest and size % BLOCK_SIZE == 0}
+    return tuple(sorted(fits))
 
 
 def padding_cost(steps: Sequence[Sequence[Mapping[str, Any]]], budget: int, task: Task, batch_size: int,
