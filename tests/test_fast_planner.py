@@ -3,6 +3,7 @@ the step's values; the compile cache key and files."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -132,6 +133,27 @@ def test_cache_key_follows_shapes_and_the_cache_round_trips(tmp_path, monkeypatc
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
     assert cache.save() == {"bytes": 16}
     assert cache.load() and loaded == [b"compiled kernels"]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on the CPU needs a C++ compiler")
+def test_compile_cache_keeps_4bit_graphs_in_the_aot_autograd_cache(tmp_path, monkeypatch):
+    """A QLoRA graph holds bitsandbytes' MatMul4Bit (a custom autograd.Function), which torch's AOTAutograd cache
+    bypasses by default: a warm start then re-ran AOTAutograd. Under CompileCache.load() it is cached."""
+    import bitsandbytes as bnb
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", False)
+    CompileCache("4bit", root=tmp_path).load()
+    base = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")  # .to() packs it
+    lora = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False), torch.nn.Linear(8, 64, bias=False))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda x: base(x) + lora(x), backend="inductor")
+    compiled(torch.randn(4, 64)).sum().backward()
+    aot = counters["aot_autograd"]
+    assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_saved"] + aot["autograd_cache_hit"] == 1
+    assert lora[0].weight.grad is not None
 
 
 def test_model_flops_is_the_reference_formula():

@@ -99,6 +99,18 @@ def graph_key(parts: dict[str, Any], device: torch.device) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_custom_autograd_graphs() -> None:
+    """Let torch's AOTAutograd cache keep graphs that hold a custom autograd.Function (process-wide, as dynamo's
+    config is). bitsandbytes' 4-bit matmul is one (MatMul4Bit), so every QLoRA graph was "Bypassing autograd cache
+    due to: Unsupported call_function target autograd_function_apply": a warm compile cache still re-ran AOTAutograd
+    on each graph (SD 1.5 QLoRA's warm start 77 s against LoRA's 26 s on the H200, bench/README.md "Issue 15").
+    Safe here: dynamo traces the Function's forward and backward into the graph (autograd_function_apply's
+    subgraphs), so they are part of the cache key; torch leaves it off by default out of caution, not a known fault."""
+    config = torch._functorch.config
+    if hasattr(config, "autograd_cache_allow_custom_autograd_functions"):  # an older torch has no such switch
+        config.autograd_cache_allow_custom_autograd_functions = True
+
+
 class CompileCache:
     """The mega-cache file of one key: load() before compiling, save() after the first compiled step."""
 
@@ -110,7 +122,9 @@ class CompileCache:
         return self.folder / ARTIFACTS
 
     def load(self) -> bool:
-        """True when artifacts were found and handed to torch (the next compile reuses them)."""
+        """True when artifacts were found and handed to torch (the next compile reuses them). Called before each
+        compile (cold or warm), it also lets the AOTAutograd cache keep graphs with custom autograd functions."""
+        cache_custom_autograd_graphs()
         if not self.path.is_file():
             return False
         torch.compiler.load_cache_artifacts(self.path.read_bytes())
