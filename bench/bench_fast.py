@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> tuple[dict, tuple[FastModel, TrainConfig, F
     t0 = time.perf_counter()
     chosen = plan(sample, "sft", batch_size=1, max_length=MAX_LENGTH,
                   trial_peak_gib=trial_peak_gib(fast, "sft", MAX_LENGTH) if device.type == "cuda" else None,
-                  memory_limit_gib=args.memory_limit_gib, device_gib=device_gib)
+                  memory_limit_gib=args.memory_limit_gib, device_gib=device_gib,
+                  held_gib=torch.cuda.memory_allocated() / GIB if device.type == "cuda" else None)
     plan_s = time.perf_counter() - t0
     say(f"init {init_s:.1f}s; plan (with the compile of its trial shapes) {plan_s:.1f}s: {chosen.describe()}")
     budget = args.budget or chosen.budget

@@ -49,6 +49,28 @@ def test_plan_respects_the_memory_cap_and_checkpoints_only_when_needed():
         plan(steps, "sft", 1, 768, trial, memory_limit_gib=0.1)
 
 
+def test_under_a_tight_cap_budgets_the_first_trial_predicts_over_it_are_skipped_untried():
+    """Each trial is a cold compile on the device: with the memory held before a trial known, the trial of the
+    largest budget predicts the others (held + activations linear in tokens); those far over the cap are skipped."""
+    steps = steps_of([[700] * 8] * 2)  # 5,600 tokens per step: 8,192 is the cheapest budget
+    trials = []
+
+    def trial(budget, checkpointing):  # 5 GiB of weights + 2 GiB per 1k tokens, a little over linear
+        trials.append((budget, checkpointing))
+        return 5.0 + 2.0 * budget / 1024 * (1.05 if budget < 8192 else 1.0)
+
+    capped = plan(steps, "sft", 1, 768, trial, memory_limit_gib=10.0, held_gib=5.0)
+    assert trials == [(8192, False), (2048, False)] and capped.budget == 2048  # 4,096 predicted 13 GiB: skipped
+    skipped = [c for c in capped.candidates if c.peak_gib is None]
+    assert [(c.budget, c.predicted_gib) for c in skipped] == [(4096, 13.0)]
+    trials.clear()  # near the cap (within the margin) a prediction is tried, not trusted: 4,096 at 13.4 GiB
+    near = plan(steps, "sft", 1, 768, trial, memory_limit_gib=12.0, held_gib=5.0)
+    assert trials == [(8192, False), (4096, False), (2048, False)] and near.budget == 2048
+    trials.clear()  # without the held memory, every candidate is tried as before
+    plan(steps, "sft", 1, 768, trial, memory_limit_gib=10.0)
+    assert trials == [(8192, False), (4096, False), (2048, False)]
+
+
 def test_trials_stop_at_the_cheapest_budget_that_fits():
     """Usually one trial runs: the cheapest budget by padding, which is then the run's first compiled step."""
     steps = steps_of([[500, 500]] * 9 + [[700] * 6])  # mostly 1k-token steps, one of 4.2k

@@ -12,6 +12,10 @@ fixed cost; a budget's rows that fit a half or three quarters of it are cut to t
 without activation checkpointing first (it costs a third more compute); the first whose trial fits the cap
 (train.memory_limit_gib, else 90% of the device) is the plan, so usually one trial runs. On the CPU there is no
 memory to measure: the cheapest budget, and the plan says so.
+Each trial on the device is a cold compile of its shape (about a minute for gemma-2-2b on an H200), so under a
+tight cap a candidate is skipped untried when the measured trial nearest to it predicts it over the cap by more
+than PREDICTION_MARGIN: a step's peak is the memory the model holds before it (`held_gib`: weights, adapters,
+optimizer state) plus activations that grow with the row's tokens, peak(b) ~ held + (peak(b1) - held) x b / b1.
 
 Reuse: the trial peaks are recorded (`plan.json`) beside the compile artifacts of the run's compile-cache key,
 which covers the model, shapes, precision, versions and device. A later run with that key (its compile cache
@@ -40,6 +44,9 @@ GIB = 1024**3
 # measurement; it only tips the choice between budgets with similar padding toward fewer, larger rows.
 ROW_OVERHEAD_TOKENS = 1024
 DEVICE_FRACTION = 0.9
+# A prediction over the cap by less than this share is tried anyway: activations are not exactly linear in tokens
+# (the CE chunk and the block mask are per row), and a wrong skip costs a larger budget, not an out-of-memory.
+PREDICTION_MARGIN = 0.1
 PLAN_RECORD = "plan.json"  # beside the compile artifacts of the same key (compile.py)
 
 
@@ -50,6 +57,7 @@ class Candidate:
     padding_fraction: float
     peak_gib: float | None  # trial step peak (None: not measured)
     checkpointing: bool
+    predicted_gib: float | None = None  # skipped untried: the peak the nearest trial predicts (module docstring)
 
 
 @dataclass(frozen=True)
@@ -119,15 +127,28 @@ def padding_cost(steps: Sequence[Sequence[Mapping[str, Any]]], budget: int, task
     return rows / len(steps), 1.0 - tokens / padded, (padded + rows * ROW_OVERHEAD_TOKENS) / len(steps)
 
 
+def predicted_peak_gib(budget: int, checkpointing: bool, candidates: Sequence[Candidate],
+                       held_gib: float) -> float | None:
+    """The peak (GiB) of a `budget`-token step from the measured trial of the nearest budget with the same
+    checkpointing: held + (peak - held) x budget / trial budget (module docstring); None without such a trial."""
+    measured = [c for c in candidates if c.checkpointing == checkpointing and c.peak_gib is not None
+                and math.isfinite(c.peak_gib)]
+    if not measured:
+        return None
+    nearest = min(measured, key=lambda c: abs(math.log(c.budget / budget)))
+    return held_gib + (nearest.peak_gib - held_gib) * budget / nearest.budget
+
+
 def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: int, max_length: int,
          trial_peak_gib: Callable[[int, bool], float] | None = None, memory_limit_gib: float | None = None,
-         device_gib: float | None = None) -> Plan:
+         device_gib: float | None = None, held_gib: float | None = None) -> Plan:
     """Choose the budget and checkpointing (rule in the module docstring).
 
     steps: a sample of the recipe's optimizer steps (rows as the task makes them); trial_peak_gib(budget,
     checkpointing) -> peak GiB of one trial step, None on the CPU; memory_limit_gib: train.memory_limit_gib;
-    device_gib: the device's memory. Errors: ValueError when even the smallest budget with checkpointing
-    exceeds the cap (the message gives the measured peak).
+    device_gib: the device's memory; held_gib: the memory allocated before a trial (None: every candidate is
+    tried, none predicted). Errors: ValueError when even the smallest budget with checkpointing exceeds the cap
+    (the message gives the measured peak).
     """
     step_tokens_max = max(sum(len(r["input_ids"]) for r in step) for step in steps)
     limit = memory_limit_gib or (DEVICE_FRACTION * device_gib if device_gib else None)
@@ -138,13 +159,18 @@ def plan(steps: Sequence[Sequence[Mapping[str, Any]]], task: Task, batch_size: i
     candidates: list[Candidate] = []
     for checkpointing in (False, True):  # checkpointing only when no plain step fits
         for budget in cheapest_first:
+            predicted = (predicted_peak_gib(budget, checkpointing, candidates, held_gib)
+                         if held_gib is not None and limit is not None else None)
+            if predicted is not None and predicted > (1 + PREDICTION_MARGIN) * limit:
+                candidates.append(Candidate(budget, *costs[budget][:2], None, checkpointing, predicted))
+                continue
             peak = trial_peak_gib(budget, checkpointing) if trial_peak_gib else None
             candidates.append(Candidate(budget, *costs[budget][:2], peak, checkpointing))
             if peak is None or limit is None or peak <= limit:
                 best = candidates[-1]
                 return Plan(best.budget, checkpointing, peak, sizes[budget], limit, best.rows_per_step,
                             best.padding_fraction, trial_peak_gib is not None, tuple(candidates))
-    smallest = min(candidates, key=lambda c: c.peak_gib)
+    smallest = min((c for c in candidates if c.peak_gib is not None), key=lambda c: c.peak_gib)
     raise ValueError(f"train.memory_limit_gib: even {smallest.budget} tokens per micro-batch with activation "
                      f"checkpointing peaks at {smallest.peak_gib:.1f} GiB > {limit:.1f} GiB")
 

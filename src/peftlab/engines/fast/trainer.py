@@ -230,7 +230,8 @@ class FastTrainer:
         device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
         trials = RecordedTrials(read_record(record, limit, device_gib) if record else {},
                                 trial_peak_gib(self.model, self.task, self.max_length))
-        chosen = plan(sample, self.task, self.train.batch_size, self.max_length, trials, limit, device_gib)
+        chosen = plan(sample, self.task, self.train.batch_size, self.max_length, trials, limit, device_gib,
+                      held_gib=torch.cuda.memory_allocated() / GIB)
         return broadcast(replace(chosen, reused=trials.measured == 0))
 
     def compile(self, dataset: Sequence[Mapping[str, Any]], seed: int) -> bool:
