@@ -28,7 +28,9 @@ if [ -n "${WARM_START:-}" ]; then
   rm -rf "$PEFTLAB_CACHE/compile"
   for name in cold warm; do
     # shellcheck disable=SC2086  # START_ARGS: more --set words (e.g. a shorter generation after training)
-    one "$name" "${START_LIMIT:-200}" --set train.max_steps="${START_STEPS:-30}" --set train.logging_steps=1 ${START_ARGS:-}
+    # engine forced: on a run this short `auto` weighs the cold compile and picks hf (it did, 2026-12-02)
+    one "$name" "${START_LIMIT:-200}" --set train.engine=fast --set train.max_steps="${START_STEPS:-30}" \
+      --set train.logging_steps=1 ${START_ARGS:-}
     echo "{\"$name\": $(sed 's/none/null/' /tmp/first_step.txt)}" > "/tmp/first_$name.json"
   done
   python3 - "$OUT" <<'PY'
